@@ -50,8 +50,10 @@ class LoraSpec:
         if not self.target_modules:
             raise InputError("needs at least one module name", field="target_modules")
         for name in self.target_modules:
-            if not isinstance(name, str) or not name or not all(
-                part.isidentifier() or part.isdigit() for part in name.split(".")
+            if (
+                not isinstance(name, str)
+                or not name
+                or not all(part.isidentifier() or part.isdigit() for part in name.split("."))
             ):
                 raise InputError(
                     f"{name!r} is not a module name (like 'q_proj' or 'self_attn.q_proj')",

@@ -1,0 +1,218 @@
+"""Put adapters into a model and take them out: target matching, freezing, routing, merge."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lora_ops.errors import InputError
+from lora_ops.lora.layer import LoRALinear, RowGroup
+from lora_ops.lora.spec import LoraSpec
+
+
+@dataclass(frozen=True)
+class TrainableReport:
+    """How much of the model an adapter trains."""
+
+    trainable: int
+    total: int
+    modules: tuple[str, ...]
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} "
+            f"|| trainable: {self.percent:.4f}% || {len(self.modules)} LoRA modules"
+        )
+
+
+def matches_target(module_name: str, target: str) -> bool:
+    """PEFT's rule: a target matches a module whose name is it or ends with '.' + it."""
+    return module_name == target or module_name.endswith("." + target)
+
+
+def find_target_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Names of the linear layers that ``targets`` pick out, in model order.
+
+    Raises:
+        InputError: a target matches nothing, or matches a module that is not linear.
+    """
+    linear: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear | nn.Linear) and not _is_inside_lora(name):
+            linear.append(name)
+    problems = []
+    for target in targets:
+        hits = [name for name in linear if matches_target(name, target)]
+        if hits:
+            continue
+        others = [
+            type(m).__name__ for n, m in model.named_modules() if n and matches_target(n, target)
+        ]
+        if others:
+            problems.append(f"{target!r} matches {others[0]} modules, not linear layers")
+        else:
+            suffixes = sorted({name.rsplit(".", 1)[-1] for name in linear})
+            problems.append(
+                f"{target!r} matches no module; linear layers here end in: {', '.join(suffixes)}"
+            )
+    if problems:
+        raise InputError("; ".join(problems), field="target_modules")
+    return [name for name in linear if any(matches_target(name, t) for t in targets)]
+
+
+def _is_inside_lora(name: str) -> bool:
+    # The wrapped base and the adapters' own nn.Linear are never targets themselves.
+    return ".base_layer" in name or ".lora_A." in name or ".lora_B." in name
+
+
+def add_adapter_to_modules(
+    model: nn.Module, module_names: Sequence[str], adapter: str, spec: LoraSpec
+) -> None:
+    """Wrap each named nn.Linear in a LoRALinear (once) and add adapter ``adapter`` to it."""
+    for name in module_names:
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Linear):
+            module = LoRALinear(module)
+            _replace_module(model, name, module)
+        if not isinstance(module, LoRALinear):
+            raise InputError(f"{name} is {type(module).__name__}, not a linear layer", field=name)
+        module.add_adapter(adapter, spec)
+
+
+def apply_lora(model: nn.Module, spec: LoraSpec, adapter: str = "default") -> TrainableReport:
+    """Add adapter ``adapter`` to every target module and leave only its A and B trainable.
+
+    Returns:
+        The trainable-parameter report (count and percent of the whole model).
+    """
+    names = find_target_modules(model, spec.target_modules)
+    if any(adapter in layer.specs for _, layer in lora_layers(model)):
+        raise InputError(f"the model already has an adapter named {adapter!r}", field="adapter")
+    add_adapter_to_modules(model, names, adapter, spec)
+    mark_trainable(model, adapter)
+    set_adapter(model, adapter)
+    return trainable_report(model)
+
+
+def mark_trainable(model: nn.Module, adapter: str) -> None:
+    """Freeze everything but adapter ``adapter``'s A and B."""
+    model.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        if adapter in layer.specs:
+            layer.lora_A[adapter].requires_grad_(True)
+            layer.lora_B[adapter].requires_grad_(True)
+
+
+def trainable_report(model: nn.Module) -> TrainableReport:
+    params = {id(p): p for p in model.parameters()}.values()  # tied weights counted once
+    modules = tuple(name for name, _ in lora_layers(model))
+    return TrainableReport(
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        total=sum(p.numel() for p in params),
+        modules=modules,
+    )
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    names: dict[str, None] = {}
+    for _, layer in lora_layers(model):
+        names.update(dict.fromkeys(layer.specs))
+    return list(names)
+
+
+def set_adapter(model: nn.Module, adapter: str | None) -> None:
+    """Route every row through ``adapter`` (None: the base model alone)."""
+    if adapter is not None and adapter not in adapter_names(model):
+        raise InputError(f"no adapter named {adapter!r} on the model", field="adapter")
+    for _, layer in lora_layers(model):
+        layer.row_groups = None
+        layer.active = adapter if adapter in layer.specs else None
+
+
+def set_row_adapters(model: nn.Module, per_row: Sequence[str | None]) -> None:
+    """Route batch row i through ``per_row[i]`` (None: that row uses the base alone)."""
+    known = set(adapter_names(model))
+    unknown = sorted({a for a in per_row if a is not None and a not in known})
+    if unknown:
+        raise InputError(f"no adapter named {', '.join(map(repr, unknown))}", field="adapter")
+    device = next(model.parameters()).device
+    rows_by_adapter: dict[str, list[int]] = {}
+    for row, adapter in enumerate(per_row):
+        if adapter is not None:
+            rows_by_adapter.setdefault(adapter, []).append(row)
+    groups = [
+        RowGroup(adapter, torch.tensor(rows, dtype=torch.long, device=device))
+        for adapter, rows in rows_by_adapter.items()
+    ]
+    for _, layer in lora_layers(model):
+        layer.active = None
+        layer.row_groups = [g for g in groups if g.adapter in layer.specs]
+
+
+@contextmanager
+def adapters_in_use(model: nn.Module, per_row: str | Sequence[str | None] | None) -> Iterator[None]:
+    """Route rows for the length of a ``with`` block, then back to the base model."""
+    if per_row is None or isinstance(per_row, str):
+        set_adapter(model, per_row)
+    else:
+        set_row_adapters(model, per_row)
+    try:
+        yield
+    finally:
+        set_adapter(model, None)
+
+
+def merge_adapter(model: nn.Module, adapter: str) -> None:
+    """Fold ``adapter`` into the base weights of every layer that has it."""
+    layers = [layer for _, layer in lora_layers(model) if adapter in layer.specs]
+    if not layers:
+        raise InputError(f"no adapter named {adapter!r} on the model", field="adapter")
+    for layer in layers:
+        layer.merge(adapter)
+    set_adapter(model, adapter)
+
+
+def unmerge_adapter(model: nn.Module, adapter: str) -> None:
+    for _, layer in lora_layers(model):
+        if adapter in layer.merged:
+            layer.unmerge(adapter)
+
+
+def delete_adapter(model: nn.Module, adapter: str) -> None:
+    """Drop ``adapter`` from every layer; layers left with no adapter become plain again."""
+    found = False
+    for name, layer in list(lora_layers(model)):
+        if adapter in layer.specs:
+            found = True
+            layer.delete_adapter(adapter)
+            if not layer.specs:
+                _replace_module(model, name, layer.base_layer)
+    if not found:
+        raise InputError(f"no adapter named {adapter!r} on the model", field="adapter")
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Put the plain nn.Linear layers back (merged adapters stay in their weights)."""
+    for name, layer in list(lora_layers(model)):
+        _replace_module(model, name, layer.base_layer)
+    return model
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

@@ -1,0 +1,152 @@
+"""LoRALinear: a frozen nn.Linear plus named low-rank adapters, mergeable and row-routable.
+
+``h = W0 x + scaling * B (A x)`` with ``A`` (r x d_in) and ``B`` (d_out x r) per adapter.
+Which adapter a forward uses is set by the routing helpers in ``inject``: one adapter for
+every row, none, or one per batch row (the mixed batch that serving relies on).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lora_ops.errors import InputError
+from lora_ops.lora.spec import LoraSpec
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """The batch rows that use one adapter in a mixed batch."""
+
+    adapter: str
+    rows: torch.Tensor  # (n_rows,) int64 indices into the batch
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``base_layer`` with any number of named adapters beside it.
+
+    Adapters live in ``lora_A[name]`` / ``lora_B[name]`` (nn.Linear without bias), PEFT's
+    naming, so saving needs only a key prefix. The base weight never gets a gradient.
+    """
+
+    def __init__(self, base_layer: nn.Linear) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.base_layer.requires_grad_(False)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.specs: dict[str, LoraSpec] = {}
+        self.merged: list[str] = []
+        # Routing: one adapter name for all rows, None for the base alone, or row groups.
+        self.active: str | None = None
+        self.row_groups: list[RowGroup] | None = None
+
+    @property
+    def d_in(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def d_out(self) -> int:
+        return self.base_layer.out_features
+
+    def add_adapter(self, name: str, spec: LoraSpec) -> None:
+        """Add adapter ``name``: A Kaiming-uniform, B zero, so the output is unchanged."""
+        if name in self.specs:
+            raise InputError(f"adapter {name!r} is already on this layer", field="adapter")
+        weight = self.base_layer.weight
+        lora_a = nn.Linear(self.d_in, spec.r, bias=False, device=weight.device)
+        lora_b = nn.Linear(spec.r, self.d_out, bias=False, device=weight.device)
+        # nn.Linear's own init for A (as PEFT does); B = 0 makes the update start at zero.
+        nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+        nn.init.zeros_(lora_b.weight)
+        self.lora_A[name] = lora_a
+        self.lora_B[name] = lora_b
+        self.lora_dropout[name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.specs[name] = spec
+
+    def delete_adapter(self, name: str) -> None:
+        self._require(name)
+        if name in self.merged:
+            raise InputError(f"adapter {name!r} is merged; unmerge it first", field="adapter")
+        del self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.specs[name]
+        if self.active == name:
+            self.active = None
+
+    def weight_a(self, name: str) -> torch.Tensor:
+        """Adapter ``name``'s A, shape (r, d_in)."""
+        return cast(nn.Linear, self.lora_A[name]).weight
+
+    def weight_b(self, name: str) -> torch.Tensor:
+        """Adapter ``name``'s B, shape (d_out, r)."""
+        return cast(nn.Linear, self.lora_B[name]).weight
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scaling * B A``, shape (d_out, d_in): what merging adds to the base weight."""
+        self._require(name)
+        return (self.weight_b(name) @ self.weight_a(name)) * self.specs[name].scaling
+
+    def merge(self, name: str) -> None:
+        """Fold adapter ``name`` into the base weight: zero added latency afterwards."""
+        self._require(name)
+        if name in self.merged:
+            return
+        with torch.no_grad():
+            weight = self.base_layer.weight
+            weight += self.delta_weight(name).to(weight.dtype)
+        self.merged.append(name)
+
+    def unmerge(self, name: str) -> None:
+        """Take a merged adapter back out of the base weight (exact up to float rounding)."""
+        if name not in self.merged:
+            raise InputError(f"adapter {name!r} is not merged", field="adapter")
+        with torch.no_grad():
+            weight = self.base_layer.weight
+            weight -= self.delta_weight(name).to(weight.dtype)
+        self.merged.remove(name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result: torch.Tensor = self.base_layer(x)
+        if self.row_groups is not None:
+            if self.merged:
+                raise RuntimeError(
+                    f"adapters {self.merged} are merged into the weight; unmerge them "
+                    "before a mixed-adapter batch"
+                )
+            return self._add_row_groups(x, result)
+        if self.active is None or self.active in self.merged:
+            return result
+        return result + self._lora_delta(self.active, x).to(result.dtype)
+
+    def _lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        x = self.lora_dropout[name](x.to(self.weight_a(name).dtype))
+        # (..., d_in) @ (d_in, r) -> (..., r) @ (r, d_out) -> (..., d_out)
+        return (
+            F.linear(F.linear(x, self.weight_a(name)), self.weight_b(name))
+            * self.specs[name].scaling
+        )
+
+    def _add_row_groups(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        # The base matmul is shared by the whole batch; each adapter's rows get their own
+        # low-rank update, computed once per adapter on just those rows.
+        assert self.row_groups is not None
+        for group in self.row_groups:
+            delta = self._lora_delta(group.adapter, x.index_select(0, group.rows))
+            result = result.index_add(0, group.rows, delta.to(result.dtype))
+        return result
+
+    def _require(self, name: str) -> None:
+        if name not in self.specs:
+            known = ", ".join(self.specs) or "none"
+            raise InputError(f"no adapter {name!r} on this layer (has: {known})", field="adapter")
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={s.r}" for n, s in self.specs.items())
+        return f"d_in={self.d_in}, d_out={self.d_out}, adapters=[{ranks}], merged={self.merged}"
