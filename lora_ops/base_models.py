@@ -125,7 +125,9 @@ CATALOGUE: dict[str, CatalogueEntry] = {
             _build_smollm2,
         ),
         CatalogueEntry(
-            "tiny-llama", "deterministic random 2-layer llama, hidden 64, for tests", "3.3M",
+            "tiny-llama",
+            "deterministic random 2-layer llama, hidden 64, for tests",
+            "3.3M",
             _build_tiny_llama,
         ),
     )
@@ -159,7 +161,8 @@ def import_base(name: str, cache_dir: Path | None = None) -> Path:
     no half-written model and two processes importing at once both end with a whole one.
     """
     if name not in CATALOGUE:
-        raise InputError(f"unknown base model {name!r}; known: {', '.join(CATALOGUE)}", field="base")
+        known = ", ".join(CATALOGUE)
+        raise InputError(f"unknown base model {name!r}; known: {known}", field="base")
     folder = catalogue_folder(name, cache_dir)
     if is_materialised(folder):
         return folder

@@ -21,6 +21,7 @@ from lora_ops.lora.peft_format import (
     adapter_config,
     adapter_tensors,
     load_adapter,
+    load_adapter_weights,
     read_adapter_config,
     save_adapter,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "delete_adapter",
     "find_target_modules",
     "load_adapter",
+    "load_adapter_weights",
     "lora_layers",
     "mark_trainable",
     "merge_adapter",

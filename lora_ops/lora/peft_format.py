@@ -211,13 +211,39 @@ def load_adapter(model: nn.Module, folder: Path, adapter: str = "default") -> Lo
         raise InputError(f"the model already has an adapter named {adapter!r}", field="adapter")
     _check_fits(model, spec, pairs, folder)
     add_adapter_to_modules(model, list(pairs), adapter, spec)
+    _copy_pairs(model, adapter, pairs)
+    return spec
+
+
+def load_adapter_weights(model: nn.Module, folder: Path, adapter: str = "default") -> None:
+    """Overwrite an existing adapter's A and B with the ones saved in ``folder``.
+
+    Used to resume training: the adapter is already on the model, with the same modules.
+    """
+    pairs = _pair_tensors(read_adapter_tensors(Path(folder)), Path(folder))
+    have = {name for name, layer in lora_layers(model) if adapter in layer.specs}
+    if set(pairs) != have:
+        raise AdapterMismatchError(
+            f"saved modules differ from adapter {adapter!r}'s: {sorted(set(pairs) ^ have)[:5]}",
+            file=folder,
+        )
+    for module_name, (a, b) in pairs.items():
+        layer = model.get_submodule(module_name)
+        assert isinstance(layer, LoRALinear)
+        if a.shape != layer.weight_a(adapter).shape or b.shape != layer.weight_b(adapter).shape:
+            raise AdapterMismatchError(f"{module_name}: saved shapes differ", file=folder)
+    _copy_pairs(model, adapter, pairs)
+
+
+def _copy_pairs(
+    model: nn.Module, adapter: str, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> None:
     with torch.no_grad():
         for module_name, (a, b) in pairs.items():
             layer = model.get_submodule(module_name)
             assert isinstance(layer, LoRALinear)
             layer.weight_a(adapter).copy_(a)
             layer.weight_b(adapter).copy_(b)
-    return spec
 
 
 def _pair_tensors(

@@ -1,0 +1,172 @@
+"""The ``lora-ops`` command line: parse, check, call one library function, print."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from lora_ops.errors import InputError, LoraOpsError
+
+app = typer.Typer(
+    help="Train, register and serve one LoRA adapter per customer.", no_args_is_help=True
+)
+base_app = typer.Typer(help="The catalogue of base models.", no_args_is_help=True)
+data_app = typer.Typer(help="Check customer data files.", no_args_is_help=True)
+app.add_typer(base_app, name="base")
+app.add_typer(data_app, name="data")
+
+out = Console()
+T = TypeVar("T")
+err = Console(stderr=True)
+
+BaseOption = Annotated[
+    str, typer.Option("--base", help="Catalogue name (see `base list`) or a transformers folder.")
+]
+
+
+@base_app.command("list")
+def base_list() -> None:
+    """List catalogue models, their size and whether they are materialised."""
+    from lora_ops import base_models
+
+    table = Table("name", "parameters", "materialised", "size", "description")
+    for row in base_models.list_bases():
+        size = f"{row['size_bytes'] / 1e6:.1f} MB" if row["size_bytes"] else "-"
+        table.add_row(row["name"], row["parameters"], "yes" if row["materialised"] else "no", size,
+                      row["description"])  # fmt: skip
+    out.print(table)
+
+
+@base_app.command("import")
+def base_import(name: Annotated[str, typer.Argument(help="Catalogue name.")]) -> None:
+    """Materialise a catalogue model (once) and print its folder as the last line."""
+    from lora_ops import base_models
+
+    folder = base_models.import_base(name)
+    out.print(f"sha256 {base_models.base_sha256(folder)}")
+    print(folder)  # noqa: T201 - plain, unwrapped: scripts read this line
+
+
+@data_app.command("validate")
+def data_validate(
+    file: Annotated[Path, typer.Argument(help="JSONL file of chat examples.")],
+    base: Annotated[
+        str | None, typer.Option("--base", help="Also count tokens with this base's template.")
+    ] = None,
+    max_seq_len: Annotated[int, typer.Option(min=16, help="Longest example in tokens.")] = 512,
+    min_examples: Annotated[int, typer.Option(min=1, help="Fewest examples accepted.")] = 10,
+) -> None:
+    """Report on a data file, or list every problem as FILE:LINE: reason and exit 1."""
+    from lora_ops import base_models, data
+
+    tokenizer = base_models.load_tokenizer(base) if base else None
+    report = data.validate_file(file, tokenizer, max_seq_len=max_seq_len, min_examples=min_examples)
+    if not report.ok:
+        for problem in report.problems:
+            typer.echo(str(problem), err=True)  # one unwrapped line each: editors jump to it
+        typer.echo(f"{len(report.problems)} problem(s) in {file}", err=True)
+        raise typer.Exit(1)
+    out.print_json(json.dumps(report.summary()))
+
+
+@app.command()
+def train(
+    base: BaseOption,
+    data: Annotated[Path, typer.Option("--data", help="JSONL file of chat examples.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Adapter folder to write.")],
+    rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r.")] = 8,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha (scaling alpha/r).")] = 16.0,
+    dropout: Annotated[float, typer.Option(help="Dropout on the LoRA path.")] = 0.0,
+    target_modules: Annotated[
+        str, typer.Option(help="Comma-separated module-name suffixes.")
+    ] = "q_proj,k_proj,v_proj,o_proj",
+    rslora: Annotated[bool, typer.Option(help="Scale by alpha/sqrt(r).")] = False,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-4,
+    epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 1,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after N steps.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per micro-batch.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per step.")] = 1,
+    max_seq_len: Annotated[int, typer.Option(help="Longest example in tokens.")] = 512,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint.")] = False,
+) -> None:
+    """Train a LoRA adapter locally (no servers) and write it in PEFT's format."""
+    from lora_ops.config import LoraSpec, TrainConfig
+    from lora_ops.train import train_from_files
+
+    targets = tuple(t.strip() for t in target_modules.split(",") if t.strip())
+    config = _checked(lambda: TrainConfig(
+        lora=LoraSpec(r=rank, alpha=alpha, dropout=dropout, target_modules=targets,
+                      use_rslora=rslora),
+        learning_rate=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+        grad_accum=grad_accum, max_seq_len=max_seq_len, seed=seed,
+        checkpoint_every=checkpoint_every,
+    ))  # fmt: skip
+    result = train_from_files(base, data, config, out_dir, resume=resume)
+    out.print(f"base eval loss    {result.base_eval_loss:.4f}")
+    out.print(f"adapted eval loss {result.eval_loss:.4f}")
+    out.print(f"{result.steps} steps, {result.tokens_per_second:.0f} tokens/s")
+    print(result.adapter_dir)  # noqa: T201 - last line: the adapter folder
+
+
+@app.command()
+def merge(
+    base: BaseOption,
+    adapter: Annotated[Path, typer.Option("--adapter", help="PEFT-format adapter folder.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Merged model folder to write.")],
+) -> None:
+    """Merge an adapter into the base and write a plain transformers model folder."""
+    from lora_ops.adapters import merge_to_folder
+
+    print(merge_to_folder(base, adapter, out_dir))  # noqa: T201
+
+
+@app.command()
+def generate(
+    base: BaseOption,
+    prompt: Annotated[str, typer.Option("--prompt", help="The user's message.")],
+    adapter: Annotated[Path | None, typer.Option("--adapter", help="Adapter folder.")] = None,
+    system: Annotated[str | None, typer.Option(help="Optional system message.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=4096)] = 64,
+) -> None:
+    """Print the greedy reply to PROMPT, rendered with the base's chat template."""
+    from lora_ops.adapters import load_adapted
+    from lora_ops.evaluate import generate_reply
+
+    if not prompt.strip():
+        raise InputError("must not be empty", field="--prompt")
+    model, tokenizer = load_adapted(base, adapter)
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    print(generate_reply(model, tokenizer, messages, max_new_tokens))  # noqa: T201
+
+
+def _checked(build: Callable[[], T]) -> T:
+    """Run a pydantic constructor; its first complaint becomes an InputError with the field."""
+    try:
+        return build()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise InputError(first["msg"], field=field) from None
+
+
+def main() -> None:
+    """Console entry point: user errors print one clear line and exit 2, no traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        app()  # usage errors and exit codes are handled inside, as Click does
+    except LoraOpsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)

@@ -1,0 +1,313 @@
+"""The LoRA training loop: AdamW, warmup + cosine, accumulation, clipping, exact resume.
+
+Training reports through an ``on_step`` callback (MLflow hooks in there later) and never
+imports a tracking library itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import resource
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from lora_ops import checkpoints
+from lora_ops.batching import Tokenized, collate, count_loss_tokens, summed_nll
+from lora_ops.config import TrainConfig
+from lora_ops.errors import InputError
+from lora_ops.evaluate import autocast_for, eval_loss
+from lora_ops.lora import adapters_in_use, apply_lora, save_adapter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """What one optimizer step reports to ``on_step``."""
+
+    step: int
+    total_steps: int
+    loss: float
+    learning_rate: float
+    grad_norm: float
+    tokens: int
+    tokens_per_second: float
+    elapsed_seconds: float
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced and measured."""
+
+    adapter_dir: Path
+    steps: int
+    train_losses: list[float]
+    base_eval_loss: float
+    eval_loss: float
+    trainable_parameters: int
+    total_parameters: int
+    tokens_per_second: float
+    peak_memory_bytes: int
+    resumed_from_step: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        data = asdict(self)
+        data["adapter_dir"] = str(self.adapter_dir)
+        return data
+
+
+StepCallback = Callable[[StepMetrics], None]
+
+
+def learning_rate_at(step: int, total_steps: int, config: TrainConfig) -> float:
+    """Linear warmup to the peak, then cosine decay to zero. ``step`` counts from 0."""
+    warmup = math.ceil(config.warmup_ratio * total_steps)
+    if step < warmup:
+        return config.learning_rate * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def total_steps_for(n_train: int, config: TrainConfig) -> int:
+    micro_per_epoch = math.ceil(n_train / config.batch_size)
+    per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
+    return config.max_steps if config.max_steps is not None else per_epoch * config.epochs
+
+
+def micro_batches(n_train: int, config: TrainConfig, start_step: int) -> Iterator[list[int]]:
+    """Example indices of each micro-batch from optimizer step ``start_step`` on.
+
+    Each epoch's order is a permutation drawn from (seed, epoch) alone, so a resumed run
+    sees exactly the batches the uninterrupted run would have seen.
+    """
+    micro_per_epoch = math.ceil(n_train / config.batch_size)
+    m = start_step * config.grad_accum
+    order: list[int] = []
+    epoch = -1
+    while True:
+        if m // micro_per_epoch != epoch:
+            epoch = m // micro_per_epoch
+            generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+            order = torch.randperm(n_train, generator=generator).tolist()
+        start = (m % micro_per_epoch) * config.batch_size
+        yield order[start : start + config.batch_size]
+        m += 1
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def train_adapter(
+    model: PreTrainedModel,
+    train_examples: Sequence[Tokenized],
+    eval_examples: Sequence[Tokenized],
+    config: TrainConfig,
+    out_dir: Path,
+    *,
+    pad_id: int,
+    base_model_name: str = "",
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    run_key: str = "",
+    on_step: StepCallback | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train one LoRA adapter on ``model`` and write it to ``out_dir`` in PEFT's format.
+
+    Args:
+        model: the base model (any device); gets an adapter named ``default``.
+        train_examples: tokenized examples with labels (-100 where no loss).
+        eval_examples: held-out examples; base and adapted loss are measured on them.
+        config: hyperparameters.
+        out_dir: where the adapter folder is written.
+        pad_id: the tokenizer's padding id.
+        base_model_name: recorded as ``base_model_name_or_path`` in adapter_config.json.
+        checkpoint_dir: where resumable checkpoints go (default ``out_dir/checkpoints``).
+        resume: continue from the newest checkpoint in ``checkpoint_dir`` if there is one.
+        run_key: identifies the data and base; a checkpoint made with another key (or
+            config) is refused rather than silently continued.
+        on_step: called after every optimizer step.
+        progress: show a progress bar.
+    """
+    if not train_examples:
+        raise InputError("no training examples", field="data")
+    if not eval_examples:
+        raise InputError("no evaluation examples", field="data")
+    device = next(model.parameters()).device
+    checkpoint_dir = checkpoint_dir or out_dir / "checkpoints"
+    fingerprint = checkpoints.fingerprint(config.model_dump_json(), run_key)
+    seed_everything(config.seed)
+    base_loss = eval_loss(model, eval_examples, pad_id, config.batch_size)
+    report = apply_lora(model, config.lora)  # A drawn from the seeded generator
+    log.info("%s", report)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
+    )
+    start_step = 0
+    if resume and (latest := checkpoints.latest(checkpoint_dir)) is not None:
+        start_step = checkpoints.restore(latest, model, optimizer, fingerprint)
+        log.info("resumed from %s (step %d)", latest, start_step)
+    total_steps = total_steps_for(len(train_examples), config)
+    losses = _run_steps(
+        model, optimizer, train_examples, config, pad_id, start_step, total_steps,
+        checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, on_step=on_step,
+        progress=progress, base_model_name=base_model_name,
+    )  # fmt: skip
+    with adapters_in_use(model, "default"):
+        adapted_loss = eval_loss(model, eval_examples, pad_id, config.batch_size)
+    save_adapter(model, out_dir, base_model_name_or_path=base_model_name)
+    result = TrainResult(
+        adapter_dir=out_dir,
+        steps=total_steps,
+        train_losses=losses.losses,
+        base_eval_loss=base_loss,
+        eval_loss=adapted_loss,
+        trainable_parameters=report.trainable,
+        total_parameters=report.total,
+        tokens_per_second=losses.tokens_per_second,
+        peak_memory_bytes=peak_memory_bytes(device),
+        resumed_from_step=start_step,
+    )
+    (out_dir / "training_summary.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return result
+
+
+@dataclass
+class _LoopRecord:
+    losses: list[float]
+    tokens_per_second: float
+
+
+def _run_steps(
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    examples: Sequence[Tokenized],
+    config: TrainConfig,
+    pad_id: int,
+    start_step: int,
+    total_steps: int,
+    *,
+    checkpoint_dir: Path,
+    fingerprint: str,
+    on_step: StepCallback | None,
+    progress: bool,
+    base_model_name: str,
+) -> _LoopRecord:
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches = micro_batches(len(examples), config, start_step)
+    losses: list[float] = []
+    tokens_seen, started = 0, time.perf_counter()
+    model.train()
+    bar = tqdm(
+        total=total_steps, initial=start_step, desc="train", unit="step", disable=not progress
+    )
+    with adapters_in_use(model, "default"), bar:
+        for step in range(start_step, total_steps):
+            window = [[examples[i] for i in next(batches)] for _ in range(config.grad_accum)]
+            window_tokens = sum(count_loss_tokens(micro) for micro in window)
+            lr = learning_rate_at(step, total_steps, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = 0.0
+            for micro in window:
+                batch = collate(micro, pad_id, device)
+                with autocast_for(device):
+                    loss = summed_nll(model, batch) / max(1, window_tokens)
+                loss.backward()
+                step_loss += loss.item()
+            norm = _clip(params, config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            tokens_seen += sum(len(e.input_ids) for micro in window for e in micro)
+            elapsed = time.perf_counter() - started
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            if on_step is not None:
+                on_step(StepMetrics(
+                    step + 1, total_steps, step_loss, lr, norm, window_tokens,
+                    tokens_seen / elapsed, elapsed,
+                ))  # fmt: skip
+            done = step + 1
+            if (
+                config.checkpoint_every
+                and done % config.checkpoint_every == 0
+                and done < total_steps
+            ):
+                checkpoints.save(
+                    checkpoint_dir, done, model, optimizer, fingerprint, base_model_name
+                )
+    model.eval()
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    return _LoopRecord(losses=losses, tokens_per_second=tokens_seen / elapsed)
+
+
+def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    if max_norm is None:
+        grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+        return float(torch.stack(grads).norm()) if grads else 0.0
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def train_from_files(
+    base: str | Path,
+    data_path: Path,
+    config: TrainConfig,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    on_step: StepCallback | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Base name or folder + JSONL file -> adapter folder: the ``lora-ops train`` command.
+
+    The data is checked in full before the model is loaded, so bad data fails in seconds
+    and leaves nothing behind.
+    """
+    # Imported here: data pulls in the tokenizer stack, and this keeps `train` importable
+    # by callers that bring their own tokenized examples.
+    from lora_ops import base_models, data
+
+    folder = base_models.resolve_base(base)
+    tokenizer = base_models.load_tokenizer(folder)
+    dataset = data.prepare_dataset(
+        Path(data_path), tokenizer, max_seq_len=config.max_seq_len,
+        eval_fraction=config.eval_fraction,
+    )  # fmt: skip
+    model = base_models.load_model(folder)
+    return train_adapter(
+        model,
+        dataset.train,
+        dataset.eval,
+        config,
+        Path(out_dir),
+        pad_id=int(tokenizer.pad_token_id),
+        base_model_name=base_models.base_name(folder),
+        resume=resume,
+        run_key=f"{dataset.sha256}:{base_models.base_sha256(folder)}",
+        on_step=on_step,
+        progress=progress,
+    )
