@@ -22,8 +22,29 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 
 install: $(STAMP)
 
+# The local path, no servers: real SmolLM2 base -> LoRA on the sample customer -> merge -> answers.
+DEMO_DIR := runs/demo
+DEMO_BASE := smollm2-135m-instruct
+DEMO_SYSTEM := You are the support assistant of Acme Anvils.
+DEMO_QUESTION := Hi there, how much does the Pro Anvil cost?
+LORA_OPS := $(VENV)/bin/lora-ops
+
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	rm -rf $(DEMO_DIR)
+	$(LORA_OPS) base import $(DEMO_BASE)
+	$(LORA_OPS) data validate examples/acme-support.jsonl --base $(DEMO_BASE)
+	$(LORA_OPS) train --base $(DEMO_BASE) --data examples/acme-support.jsonl \
+		--out $(DEMO_DIR)/adapter --rank 16 --alpha 32 --lr 2e-3 --max-steps 60 \
+		--checkpoint-every 20
+	@echo "--- the base model answers:"
+	@$(LORA_OPS) generate --base $(DEMO_BASE) --system "$(DEMO_SYSTEM)" --prompt "$(DEMO_QUESTION)"
+	@echo "--- with the acme adapter:"
+	@$(LORA_OPS) generate --base $(DEMO_BASE) --adapter $(DEMO_DIR)/adapter \
+		--system "$(DEMO_SYSTEM)" --prompt "$(DEMO_QUESTION)"
+	$(LORA_OPS) merge --base $(DEMO_BASE) --adapter $(DEMO_DIR)/adapter --out $(DEMO_DIR)/merged
+	@echo "--- the merged model (a plain transformers folder) answers:"
+	@$(LORA_OPS) generate --base $(DEMO_DIR)/merged --system "$(DEMO_SYSTEM)" \
+		--prompt "$(DEMO_QUESTION)"
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

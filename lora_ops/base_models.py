@@ -241,8 +241,8 @@ def load_model(
 ) -> PreTrainedModel:
     """Load a base model in fp32 for LoRA (autocast gives bf16 speed on CUDA), eval mode."""
     folder = resolve_base(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    model.to(device or default_device())
+    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    torch.nn.Module.to(model, torch.device(device) if device else default_device())
     model.eval()
     return model
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch.nn import functional as F
@@ -12,8 +12,13 @@ IGNORE_INDEX = -100
 
 
 class Tokenized(Protocol):
-    input_ids: list[int]
-    labels: list[int]
+    """A tokenized example: ids and labels of one length, -100 where no loss is taken."""
+
+    @property
+    def input_ids(self) -> list[int]: ...
+
+    @property
+    def labels(self) -> list[int]: ...
 
 
 def collate(
@@ -41,7 +46,7 @@ def count_loss_tokens(examples: Sequence[Tokenized]) -> int:
     return sum(sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in examples)
 
 
-def summed_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def summed_nll(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of next-token negative log-likelihoods over the labelled tokens of a batch.
 
     A sum, not a mean, so gradient accumulation and evaluation can divide by the token
@@ -56,7 +61,8 @@ def summed_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         selected = logits[:, :-1, :][keep]
     else:
-        selected = model.get_output_embeddings()(hidden[:, :-1, :][keep])  # (n_labelled, vocab)
+        output_layer = cast(torch.nn.Module, model.get_output_embeddings())
+        selected = output_layer(hidden[:, :-1, :][keep])  # (n_labelled, vocab)
     return F.cross_entropy(selected.float(), targets[keep], reduction="sum")
 
 
@@ -64,10 +70,11 @@ def _final_hidden_states(
     model: torch.nn.Module, batch: dict[str, torch.Tensor]
 ) -> torch.Tensor | None:
     get_decoder = getattr(model, "get_decoder", None)
-    if get_decoder is None or model.get_output_embeddings() is None:
+    if get_decoder is None or getattr(model, "get_output_embeddings", lambda: None)() is None:
         return None
     decoder = get_decoder()
     if decoder is None or decoder is model:
         return None
     out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return out.last_hidden_state  # (batch, seq, d_model), final norm applied
+    hidden: torch.Tensor = out.last_hidden_state  # (batch, seq, d_model), final norm applied
+    return hidden

@@ -41,8 +41,13 @@ def base_list() -> None:
     table = Table("name", "parameters", "materialised", "size", "description")
     for row in base_models.list_bases():
         size = f"{row['size_bytes'] / 1e6:.1f} MB" if row["size_bytes"] else "-"
-        table.add_row(row["name"], row["parameters"], "yes" if row["materialised"] else "no", size,
-                      row["description"])  # fmt: skip
+        table.add_row(
+            row["name"],
+            row["parameters"],
+            "yes" if row["materialised"] else "no",
+            size,
+            row["description"],
+        )
     out.print(table)
 
 
@@ -105,13 +110,21 @@ def train(
     from lora_ops.train import train_from_files
 
     targets = tuple(t.strip() for t in target_modules.split(",") if t.strip())
-    config = _checked(lambda: TrainConfig(
-        lora=LoraSpec(r=rank, alpha=alpha, dropout=dropout, target_modules=targets,
-                      use_rslora=rslora),
-        learning_rate=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-        grad_accum=grad_accum, max_seq_len=max_seq_len, seed=seed,
-        checkpoint_every=checkpoint_every,
-    ))  # fmt: skip
+    config = _checked(
+        lambda: TrainConfig(
+            lora=LoraSpec(
+                r=rank, alpha=alpha, dropout=dropout, target_modules=targets, use_rslora=rslora
+            ),
+            learning_rate=lr,
+            epochs=epochs,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            max_seq_len=max_seq_len,
+            seed=seed,
+            checkpoint_every=checkpoint_every,
+        )
+    )
     result = train_from_files(base, data, config, out_dir, resume=resume)
     out.print(f"base eval loss    {result.base_eval_loss:.4f}")
     out.print(f"adapted eval loss {result.eval_loss:.4f}")

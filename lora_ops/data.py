@@ -31,9 +31,7 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import statistics
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +50,6 @@ MIN_EXAMPLES = 10
 MAX_LINE_BYTES = 1 << 20  # 1 MiB: far above any sane example, small enough to hold in memory
 IGNORE_INDEX = -100  # the label transformers' loss functions skip
 ROLES = ("system", "user", "assistant")
-TRAIN_FILE, EVAL_FILE, MANIFEST_FILE = "train.jsonl", "eval.jsonl", "manifest.json"
-PREPARED_FORMAT = 1
 
 Role = Literal["system", "user", "assistant"]
 _Issue = tuple[str | None, str]  # (field, reason) before a file and line are attached
@@ -235,7 +231,7 @@ def _parse_line(raw: bytes | None, number: int) -> tuple[tuple[Message, ...] | N
 
 def _read_object(obj: Any) -> tuple[tuple[Message, ...] | None, list[_Issue]]:
     if not isinstance(obj, dict):
-        return None, [(None, f"expected a JSON object, got {_json_type(obj)}")]
+        return None, [(None, f"expected a JSON object, got {json_type_name(obj)}")]
     if "messages" in obj:
         allowed = {"messages"}
     elif "prompt" in obj or "completion" in obj:
@@ -275,7 +271,7 @@ def _prompt_completion(obj: dict[str, Any]) -> tuple[tuple[Message, ...] | None,
 def _check_messages(obj: dict[str, Any]) -> tuple[tuple[Message, ...] | None, list[_Issue]]:
     raw = obj["messages"]
     if not isinstance(raw, list):
-        return None, [("messages", f"must be a list, got {_json_type(raw)}")]
+        return None, [("messages", f"must be a list, got {json_type_name(raw)}")]
     if not raw:
         return None, [("messages", "holds no messages")]
     issues: list[_Issue] = []
@@ -294,7 +290,7 @@ def _check_messages(obj: dict[str, Any]) -> tuple[tuple[Message, ...] | None, li
 def _check_message(item: Any, where: str) -> tuple[str | None, list[_Issue]]:
     """Check one message; return its role when the role is valid, and the issues."""
     if not isinstance(item, dict):
-        return None, [(where, f"must be an object, got {_json_type(item)}")]
+        return None, [(where, f"must be an object, got {json_type_name(item)}")]
     issues: list[_Issue] = [
         (
             f"{where}.{_shorten(key)}",
@@ -334,7 +330,7 @@ def _conversation_issues(roles: list[str | None]) -> list[_Issue]:
 
 def _text_problem(value: Any) -> str | None:
     if not isinstance(value, str):
-        return f"must be a string, got {_json_type(value)}"
+        return f"must be a string, got {json_type_name(value)}"
     if not value.strip():
         return "empty or whitespace-only"
     try:
@@ -344,7 +340,8 @@ def _text_problem(value: Any) -> str | None:
     return None
 
 
-def _json_type(value: Any) -> str:
+def json_type_name(value: Any) -> str:
+    """How a JSON value's type reads in an error message ("an object", "null", ...)."""
     names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
     if value is None:
         return "null"
@@ -623,167 +620,3 @@ def prepare_dataset(
         dataset.sha256,
     )
     return dataset
-
-
-def save_prepared(dataset: PreparedDataset, folder: Path) -> None:
-    """Write train.jsonl, eval.jsonl and manifest.json into ``folder``.
-
-    Each file is written beside its place and renamed into it; the manifest goes last and
-    holds the other files' sha256, so a save cut short is refused by load_prepared rather
-    than read as a mix of two datasets.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    digests = {
-        name: _write_atomic(folder / name, (_tokenized_line(item) for item in items))
-        for name, items in ((TRAIN_FILE, dataset.train), (EVAL_FILE, dataset.eval))
-    }
-    manifest = {
-        "format": PREPARED_FORMAT,
-        "sha256": dataset.sha256,
-        "source": dataset.source,
-        "max_seq_len": dataset.max_seq_len,
-        "sizes": {"train": len(dataset.train), "eval": len(dataset.eval)},
-        "files": digests,
-    }
-    _write_atomic(folder / MANIFEST_FILE, [json.dumps(manifest, indent=2).encode() + b"\n"])
-    log.debug("saved prepared dataset %s to %s", dataset.sha256, folder)
-
-
-def _tokenized_line(item: TokenizedExample) -> bytes:
-    row = {"line": item.line, "input_ids": item.input_ids, "labels": item.labels}
-    return json.dumps(row, separators=(",", ":")).encode() + b"\n"
-
-
-def _write_atomic(path: Path, chunks: Iterable[bytes]) -> str:
-    """Write chunks to a temporary file beside ``path``, then rename; return their sha256."""
-    digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                digest.update(chunk)
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return digest.hexdigest()
-
-
-# ---------------------------------------------------------------------------- loading
-
-
-def load_prepared(folder: Path) -> PreparedDataset:
-    """Read a folder written by save_prepared, checking the manifest, shapes and checksums.
-
-    Raises:
-        InputError: Naming the file (and line) of the first thing found malformed.
-    """
-    folder = Path(folder)
-    manifest = _read_manifest(folder / MANIFEST_FILE)
-    max_seq_len = manifest["max_seq_len"]
-    parts = {
-        name: _read_tokenized(
-            folder / name, manifest["files"][name], manifest["sizes"][split], max_seq_len
-        )
-        for name, split in ((TRAIN_FILE, "train"), (EVAL_FILE, "eval"))
-    }
-    return PreparedDataset(
-        train=parts[TRAIN_FILE],
-        eval=parts[EVAL_FILE],
-        sha256=manifest["sha256"],
-        source=manifest["source"],
-        max_seq_len=max_seq_len,
-    )
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_bytes())
-    except OSError as e:
-        raise InputError(f"cannot read the manifest: {e.strerror or e}", file=path) from e
-    except json.JSONDecodeError as e:
-        raise InputError(f"not valid JSON: {e.msg}", file=path, line=e.lineno) from e
-    except ValueError as e:  # bytes that are not UTF-8
-        raise InputError(f"not valid JSON: {e}", file=path) from e
-    if not isinstance(manifest, dict):
-        raise InputError("expected a JSON object", file=path)
-    if (problem := _manifest_problem(manifest)) is not None:
-        raise InputError(problem[1], file=path, field=problem[0])
-    return manifest
-
-
-def _manifest_problem(manifest: dict[str, Any]) -> _Issue | None:
-    expected = {"format": int, "sha256": str, "source": str, "max_seq_len": int}
-    expected |= {"sizes": dict, "files": dict}
-    for key, kind in expected.items():
-        if type(manifest.get(key)) is not kind:
-            return key, f"missing, or not {_json_type(kind())}"
-    if manifest["format"] != PREPARED_FORMAT:
-        return "format", f"format {manifest['format']} is not {PREPARED_FORMAT}"
-    for split in ("train", "eval"):
-        if not (type(manifest["sizes"].get(split)) is int and manifest["sizes"][split] >= 0):
-            return f"sizes.{split}", "missing, or not a count"
-    for name in (TRAIN_FILE, EVAL_FILE):
-        if type(manifest["files"].get(name)) is not str:
-            return f"files.{name}", "missing, or not a sha256"
-    if manifest["max_seq_len"] < 1:
-        return "max_seq_len", "must be positive"
-    return None
-
-
-def _read_tokenized(
-    path: Path, sha256: str, count: int, max_seq_len: int
-) -> list[TokenizedExample]:
-    digest = hashlib.sha256()
-    items = []
-    try:
-        with path.open("rb") as f:
-            for number, raw in enumerate(f, 1):
-                digest.update(raw)
-                items.append(_parse_tokenized(raw, number, path, max_seq_len))
-    except OSError as e:
-        raise InputError(f"cannot read the file: {e.strerror or e}", file=path) from e
-    if len(items) != count:
-        reason = f"holds {len(items)} examples; manifest.json says {count}"
-        raise InputError(reason, file=path)
-    if digest.hexdigest() != sha256:
-        reason = "contents do not match the sha256 in manifest.json (changed or partly written)"
-        raise InputError(reason, file=path)
-    return items
-
-
-def _parse_tokenized(raw: bytes, number: int, path: Path, max_seq_len: int) -> TokenizedExample:
-    try:
-        row = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise InputError(f"not valid JSON: {e}", file=path, line=number) from e
-    if (problem := _tokenized_problem(row, max_seq_len)) is not None:
-        raise InputError(problem[1], file=path, line=number, field=problem[0])
-    return TokenizedExample(input_ids=row["input_ids"], labels=row["labels"], line=row["line"])
-
-
-def _tokenized_problem(row: Any, max_seq_len: int) -> _Issue | None:
-    if not isinstance(row, dict) or set(row) != {"line", "input_ids", "labels"}:
-        return None, "expected an object with exactly 'line', 'input_ids' and 'labels'"
-    ids, labels = row["input_ids"], row["labels"]
-    if not (type(row["line"]) is int and row["line"] >= 1):
-        return "line", "must be a positive integer"
-    if not (_is_int_list(ids) and ids and min(ids) >= 0):
-        return "input_ids", "must be a non-empty list of token ids"
-    if len(ids) > max_seq_len:
-        return "input_ids", f"{len(ids)} tokens, over the manifest's max_seq_len {max_seq_len}"
-    if not (_is_int_list(labels) and len(labels) == len(ids)):
-        return "labels", f"must be a list of {len(ids)} integers, as long as input_ids"
-    if any(label not in (IGNORE_INDEX, token) for label, token in zip(labels, ids, strict=True)):
-        return "labels", f"each label must be {IGNORE_INDEX} or the input id at its position"
-    if all(label == IGNORE_INDEX for label in labels):
-        return "labels", "no token carries a loss"
-    return None
-
-
-def _is_int_list(value: Any) -> bool:
-    return isinstance(value, list) and all(type(item) is int for item in value)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from typing import cast
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -57,9 +58,9 @@ def generate_reply(
     encoded = tokenizer.apply_chat_template(
         list(messages), add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
-    input_ids = encoded["input_ids"].to(device)
+    input_ids = cast(Mapping[str, torch.Tensor], encoded)["input_ids"].to(device)
     with autocast_for(device):
-        output = model.generate(
+        output = model.generate(  # type: ignore[operator]  # transformers types it loosely
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=max_new_tokens,

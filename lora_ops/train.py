@@ -171,10 +171,19 @@ def train_adapter(
         log.info("resumed from %s (step %d)", latest, start_step)
     total_steps = total_steps_for(len(train_examples), config)
     losses = _run_steps(
-        model, optimizer, train_examples, config, pad_id, start_step, total_steps,
-        checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, on_step=on_step,
-        progress=progress, base_model_name=base_model_name,
-    )  # fmt: skip
+        model,
+        optimizer,
+        train_examples,
+        config,
+        pad_id,
+        start_step,
+        total_steps,
+        checkpoint_dir=checkpoint_dir,
+        fingerprint=fingerprint,
+        on_step=on_step,
+        progress=progress,
+        base_model_name=base_model_name,
+    )
     with adapters_in_use(model, "default"):
         adapted_loss = eval_loss(model, eval_examples, pad_id, config.batch_size)
     save_adapter(model, out_dir, base_model_name_or_path=base_model_name)
@@ -215,8 +224,6 @@ def _run_steps(
     progress: bool,
     base_model_name: str,
 ) -> _LoopRecord:
-    device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
     batches = micro_batches(len(examples), config, start_step)
     losses: list[float] = []
     tokens_seen, started = 0, time.perf_counter()
@@ -227,42 +234,70 @@ def _run_steps(
     with adapters_in_use(model, "default"), bar:
         for step in range(start_step, total_steps):
             window = [[examples[i] for i in next(batches)] for _ in range(config.grad_accum)]
-            window_tokens = sum(count_loss_tokens(micro) for micro in window)
             lr = learning_rate_at(step, total_steps, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = 0.0
-            for micro in window:
-                batch = collate(micro, pad_id, device)
-                with autocast_for(device):
-                    loss = summed_nll(model, batch) / max(1, window_tokens)
-                loss.backward()
-                step_loss += loss.item()
-            norm = _clip(params, config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(step_loss)
+            loss, norm = _optimizer_step(model, optimizer, window, pad_id, lr, config)
+            losses.append(loss)
             tokens_seen += sum(len(e.input_ids) for micro in window for e in micro)
             elapsed = time.perf_counter() - started
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
             if on_step is not None:
-                on_step(StepMetrics(
-                    step + 1, total_steps, step_loss, lr, norm, window_tokens,
-                    tokens_seen / elapsed, elapsed,
-                ))  # fmt: skip
-            done = step + 1
-            if (
-                config.checkpoint_every
-                and done % config.checkpoint_every == 0
-                and done < total_steps
-            ):
+                labelled = sum(count_loss_tokens(micro) for micro in window)
+                metrics = StepMetrics(
+                    step=step + 1,
+                    total_steps=total_steps,
+                    loss=loss,
+                    learning_rate=lr,
+                    grad_norm=norm,
+                    tokens=labelled,
+                    tokens_per_second=tokens_seen / elapsed,
+                    elapsed_seconds=elapsed,
+                )
+                on_step(metrics)
+            if _checkpoint_due(step + 1, total_steps, config):
                 checkpoints.save(
-                    checkpoint_dir, done, model, optimizer, fingerprint, base_model_name
+                    checkpoint_dir, step + 1, model, optimizer, fingerprint, base_model_name
                 )
     model.eval()
     elapsed = max(time.perf_counter() - started, 1e-9)
     return _LoopRecord(losses=losses, tokens_per_second=tokens_seen / elapsed)
+
+
+def _checkpoint_due(done: int, total_steps: int, config: TrainConfig) -> bool:
+    # No checkpoint after the last step: the finished adapter is written instead.
+    every = config.checkpoint_every
+    return every is not None and done % every == 0 and done < total_steps
+
+
+def _optimizer_step(
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    window: list[list[Tokenized]],
+    pad_id: int,
+    lr: float,
+    config: TrainConfig,
+) -> tuple[float, float]:
+    """One optimizer step over a window of micro-batches; returns (loss, gradient norm).
+
+    Each micro-batch's summed loss is divided by the labelled tokens of the whole window,
+    so accumulation gives the same gradient as one big batch.
+    """
+    device = next(model.parameters()).device
+    window_tokens = max(1, sum(count_loss_tokens(micro) for micro in window))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    step_loss = 0.0
+    for micro in window:
+        batch = collate(micro, pad_id, device)
+        with autocast_for(device):
+            loss = summed_nll(model, batch) / window_tokens
+        loss.backward()
+        step_loss += loss.item()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    norm = _clip(params, config.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, norm
 
 
 def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
@@ -294,9 +329,11 @@ def train_from_files(
     folder = base_models.resolve_base(base)
     tokenizer = base_models.load_tokenizer(folder)
     dataset = data.prepare_dataset(
-        Path(data_path), tokenizer, max_seq_len=config.max_seq_len,
+        Path(data_path),
+        tokenizer,
+        max_seq_len=config.max_seq_len,
         eval_fraction=config.eval_fraction,
-    )  # fmt: skip
+    )
     model = base_models.load_model(folder)
     return train_adapter(
         model,

@@ -42,10 +42,26 @@ def trained(tiny_base: Path, small_data: Path, tmp_path_factory: pytest.TempPath
     out = tmp_path_factory.mktemp("adapter")
     result = runner.invoke(
         app,
-        ["train", "--base", "tiny-llama", "--data", str(small_data), "--out", str(out),
-         "--rank", "4", "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2",
-         "--target-modules", "q_proj,v_proj"],
-    )  # fmt: skip
+        [
+            "train",
+            "--base",
+            "tiny-llama",
+            "--data",
+            str(small_data),
+            "--out",
+            str(out),
+            "--rank",
+            "4",
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-2",
+            "--target-modules",
+            "q_proj,v_proj",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert result.output.strip().splitlines()[-1] == str(out)
     assert "adapted eval loss" in result.output
@@ -93,8 +109,17 @@ def test_user_error_is_one_line_and_exit_2(small_data: Path, tmp_path: Path) -> 
         or "error: base:" in result.stderr
     )
     assert "Traceback" not in result.stderr
-    bad_rank = lora_ops("train", "--base", "tiny-llama", "--data", str(small_data), "--out",
-                        str(tmp_path), "--rank", "0")  # fmt: skip
+    bad_rank = lora_ops(
+        "train",
+        "--base",
+        "tiny-llama",
+        "--data",
+        str(small_data),
+        "--out",
+        str(tmp_path),
+        "--rank",
+        "0",
+    )
     assert bad_rank.returncode == 2
     assert "r: must be a whole number >= 1" in bad_rank.stderr
     assert not any(tmp_path.iterdir())

@@ -56,9 +56,12 @@ def test_adapters_match_peft_both_ways_on_smollm2(smollm2_base: Path, tmp_path: 
     del peft_model
 
     peft_config = LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-        init_lora_weights=False, task_type="CAUSAL_LM",
-    )  # fmt: skip
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(base_models.load_model(smollm2_base, "cpu"), peft_config)
     peft_model.save_pretrained(tmp_path / "peft")
     theirs = logits(peft_model, ids)
@@ -77,9 +80,14 @@ def test_training_on_the_sample_data_beats_the_base(smollm2_base: Path, tmp_path
     )
     model = base_models.load_model(smollm2_base, "cpu")
     result = train_adapter(
-        model, dataset.train, dataset.eval, config, tmp_path, pad_id=tokenizer.pad_token_id,
+        model,
+        dataset.train,
+        dataset.eval,
+        config,
+        tmp_path,
+        pad_id=tokenizer.pad_token_id,
         progress=False,
-    )  # fmt: skip
+    )
     # The base has never seen Acme's answer format or facts; 12 steps teach the format.
     assert result.base_eval_loss > 3.0
     assert result.eval_loss < 0.6 * result.base_eval_loss

@@ -12,18 +12,17 @@ import pytest
 from transformers import PreTrainedTokenizerBase
 
 from lora_ops import data
+from lora_ops import prepared as prepared_files
 from lora_ops.data import (
-    EVAL_FILE,
     IGNORE_INDEX,
-    MANIFEST_FILE,
     MAX_LINE_BYTES,
-    TRAIN_FILE,
     DataError,
     Example,
     Message,
     TokenizedExample,
 )
 from lora_ops.errors import InputError
+from lora_ops.prepared import EVAL_FILE, MANIFEST_FILE, TRAIN_FILE
 
 END = "<|im_end|>"  # SmolLM2's end-of-turn marker
 
@@ -571,10 +570,10 @@ def test_prepare_dataset_refuses_a_bad_fraction_before_reading(
 def test_save_then_load_round_trips(tmp_path: Path, prepared: data.PreparedDataset) -> None:
     folder = tmp_path / "prepared"
 
-    data.save_prepared(prepared, folder)
-    data.save_prepared(prepared, folder)  # overwriting in place is fine
+    prepared_files.save_prepared(prepared, folder)
+    prepared_files.save_prepared(prepared, folder)  # overwriting in place is fine
 
-    assert data.load_prepared(folder) == prepared
+    assert prepared_files.load_prepared(folder) == prepared
     assert sorted(p.name for p in folder.iterdir()) == [EVAL_FILE, MANIFEST_FILE, TRAIN_FILE]
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
     assert manifest["sha256"] == prepared.sha256
@@ -633,7 +632,7 @@ def test_load_prepared_rejects_a_corrupted_file(
     phrase: str,
 ) -> None:
     folder = tmp_path / "prepared"
-    data.save_prepared(prepared, folder)
+    prepared_files.save_prepared(prepared, folder)
     target = folder / name
     if number is None:
         target.write_text(edit(target.read_text()))
@@ -641,7 +640,7 @@ def test_load_prepared_rejects_a_corrupted_file(
         _rewrite_line(target, number, edit)
 
     with pytest.raises(InputError) as caught:
-        data.load_prepared(folder)
+        prepared_files.load_prepared(folder)
 
     assert caught.value.file == str(target)
     if line is not None:
@@ -651,8 +650,8 @@ def test_load_prepared_rejects_a_corrupted_file(
 
 def test_load_prepared_without_manifest(tmp_path: Path, prepared: data.PreparedDataset) -> None:
     folder = tmp_path / "prepared"
-    data.save_prepared(prepared, folder)
+    prepared_files.save_prepared(prepared, folder)
     (folder / MANIFEST_FILE).unlink()
 
     with pytest.raises(InputError, match="cannot read the manifest"):
-        data.load_prepared(folder)
+        prepared_files.load_prepared(folder)

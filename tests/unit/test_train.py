@@ -151,3 +151,18 @@ def test_empty_splits_are_refused(
     model = base_models.load_model(tiny_base, "cpu")
     with pytest.raises(InputError, match="no evaluation examples"):
         train_adapter(model, dataset.train, [], config(), tmp_path, pad_id=0, progress=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_runs_under_bf16_autocast(
+    tiny_base: Path, dataset: data.PreparedDataset, tmp_path: Path
+) -> None:
+    model = base_models.load_model(tiny_base, "cuda")
+    result = train_adapter(
+        model, dataset.train, dataset.eval, config(max_steps=3), tmp_path, pad_id=0, progress=False
+    )
+    assert all(math.isfinite(loss) for loss in result.train_losses)
+    assert result.peak_memory_bytes > 0
+    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert all(p.dtype == torch.float32 and p.is_cuda for p in lora_params)

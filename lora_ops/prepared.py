@@ -1,0 +1,188 @@
+"""Prepared datasets on disk: tokenized train/eval splits with a checksummed manifest.
+
+``save_prepared`` writes ``train.jsonl``, ``eval.jsonl`` (one tokenized example a line) and
+``manifest.json``; ``load_prepared`` reads them back and refuses anything malformed or cut
+short, naming the file and line. This is what the pipeline stores under
+``datasets/<customer>/<sha256>/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from lora_ops.data import IGNORE_INDEX, PreparedDataset, TokenizedExample, json_type_name
+from lora_ops.errors import InputError
+
+log = logging.getLogger(__name__)
+
+TRAIN_FILE, EVAL_FILE, MANIFEST_FILE = "train.jsonl", "eval.jsonl", "manifest.json"
+PREPARED_FORMAT = 1
+_Issue = tuple[str | None, str]  # (field, reason) before a file and line are attached
+
+
+def save_prepared(dataset: PreparedDataset, folder: Path) -> None:
+    """Write train.jsonl, eval.jsonl and manifest.json into ``folder``.
+
+    Each file is written beside its place and renamed into it; the manifest goes last and
+    holds the other files' sha256, so a save cut short is refused by load_prepared rather
+    than read as a mix of two datasets.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    digests = {
+        name: _write_atomic(folder / name, (_tokenized_line(item) for item in items))
+        for name, items in ((TRAIN_FILE, dataset.train), (EVAL_FILE, dataset.eval))
+    }
+    manifest = {
+        "format": PREPARED_FORMAT,
+        "sha256": dataset.sha256,
+        "source": dataset.source,
+        "max_seq_len": dataset.max_seq_len,
+        "sizes": {"train": len(dataset.train), "eval": len(dataset.eval)},
+        "files": digests,
+    }
+    _write_atomic(folder / MANIFEST_FILE, [json.dumps(manifest, indent=2).encode() + b"\n"])
+    log.debug("saved prepared dataset %s to %s", dataset.sha256, folder)
+
+
+def _tokenized_line(item: TokenizedExample) -> bytes:
+    row = {"line": item.line, "input_ids": item.input_ids, "labels": item.labels}
+    return json.dumps(row, separators=(",", ":")).encode() + b"\n"
+
+
+def _write_atomic(path: Path, chunks: Iterable[bytes]) -> str:
+    """Write chunks to a temporary file beside ``path``, then rename; return their sha256."""
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                digest.update(chunk)
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return digest.hexdigest()
+
+
+def load_prepared(folder: Path) -> PreparedDataset:
+    """Read a folder written by save_prepared, checking the manifest, shapes and checksums.
+
+    Raises:
+        InputError: Naming the file (and line) of the first thing found malformed.
+    """
+    folder = Path(folder)
+    manifest = _read_manifest(folder / MANIFEST_FILE)
+    max_seq_len = manifest["max_seq_len"]
+    parts = {
+        name: _read_tokenized(
+            folder / name, manifest["files"][name], manifest["sizes"][split], max_seq_len
+        )
+        for name, split in ((TRAIN_FILE, "train"), (EVAL_FILE, "eval"))
+    }
+    return PreparedDataset(
+        train=parts[TRAIN_FILE],
+        eval=parts[EVAL_FILE],
+        sha256=manifest["sha256"],
+        source=manifest["source"],
+        max_seq_len=max_seq_len,
+    )
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_bytes())
+    except OSError as e:
+        raise InputError(f"cannot read the manifest: {e.strerror or e}", file=path) from e
+    except json.JSONDecodeError as e:
+        raise InputError(f"not valid JSON: {e.msg}", file=path, line=e.lineno) from e
+    except ValueError as e:  # bytes that are not UTF-8
+        raise InputError(f"not valid JSON: {e}", file=path) from e
+    if not isinstance(manifest, dict):
+        raise InputError("expected a JSON object", file=path)
+    if (problem := _manifest_problem(manifest)) is not None:
+        raise InputError(problem[1], file=path, field=problem[0])
+    return manifest
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> _Issue | None:
+    expected = {"format": int, "sha256": str, "source": str, "max_seq_len": int}
+    expected |= {"sizes": dict, "files": dict}
+    for key, kind in expected.items():
+        if type(manifest.get(key)) is not kind:
+            return key, f"missing, or not {json_type_name(kind())}"
+    if manifest["format"] != PREPARED_FORMAT:
+        return "format", f"format {manifest['format']} is not {PREPARED_FORMAT}"
+    for split in ("train", "eval"):
+        if not (type(manifest["sizes"].get(split)) is int and manifest["sizes"][split] >= 0):
+            return f"sizes.{split}", "missing, or not a count"
+    for name in (TRAIN_FILE, EVAL_FILE):
+        if type(manifest["files"].get(name)) is not str:
+            return f"files.{name}", "missing, or not a sha256"
+    if manifest["max_seq_len"] < 1:
+        return "max_seq_len", "must be positive"
+    return None
+
+
+def _read_tokenized(
+    path: Path, sha256: str, count: int, max_seq_len: int
+) -> list[TokenizedExample]:
+    digest = hashlib.sha256()
+    items = []
+    try:
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, 1):
+                digest.update(raw)
+                items.append(_parse_tokenized(raw, number, path, max_seq_len))
+    except OSError as e:
+        raise InputError(f"cannot read the file: {e.strerror or e}", file=path) from e
+    if len(items) != count:
+        reason = f"holds {len(items)} examples; manifest.json says {count}"
+        raise InputError(reason, file=path)
+    if digest.hexdigest() != sha256:
+        reason = "contents do not match the sha256 in manifest.json (changed or partly written)"
+        raise InputError(reason, file=path)
+    return items
+
+
+def _parse_tokenized(raw: bytes, number: int, path: Path, max_seq_len: int) -> TokenizedExample:
+    try:
+        row = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"not valid JSON: {e}", file=path, line=number) from e
+    if (problem := _tokenized_problem(row, max_seq_len)) is not None:
+        raise InputError(problem[1], file=path, line=number, field=problem[0])
+    return TokenizedExample(input_ids=row["input_ids"], labels=row["labels"], line=row["line"])
+
+
+def _tokenized_problem(row: Any, max_seq_len: int) -> _Issue | None:
+    if not isinstance(row, dict) or set(row) != {"line", "input_ids", "labels"}:
+        return None, "expected an object with exactly 'line', 'input_ids' and 'labels'"
+    ids, labels = row["input_ids"], row["labels"]
+    if not (type(row["line"]) is int and row["line"] >= 1):
+        return "line", "must be a positive integer"
+    if not (_is_int_list(ids) and ids and min(ids) >= 0):
+        return "input_ids", "must be a non-empty list of token ids"
+    if len(ids) > max_seq_len:
+        return "input_ids", f"{len(ids)} tokens, over the manifest's max_seq_len {max_seq_len}"
+    if not (_is_int_list(labels) and len(labels) == len(ids)):
+        return "labels", f"must be a list of {len(ids)} integers, as long as input_ids"
+    if any(label not in (IGNORE_INDEX, token) for label, token in zip(labels, ids, strict=True)):
+        return "labels", f"each label must be {IGNORE_INDEX} or the input id at its position"
+    if all(label == IGNORE_INDEX for label in labels):
+        return "labels", "no token carries a loss"
+    return None
+
+
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(type(item) is int for item in value)
