@@ -1,25 +1,70 @@
-"""Settings read from the environment (``LORA_OPS_*``); nothing here comes from code."""
+"""Settings read from the environment only; defaults point at the embedded local stack.
+
+``LORA_OPS_*`` variables, plus the standard names the MLflow, boto3 and Prefect clients
+read themselves (``MLFLOW_TRACKING_URI``, ``MLFLOW_S3_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``PREFECT_API_URL``), so one shell environment drives lora-ops,
+the MLflow and Prefect CLIs and their UIs alike. Secrets are ``SecretStr``: they print as
+``**********`` and never reach logs, MLflow params or Prefect parameters.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Development keys of the embedded S3 server (it listens on 127.0.0.1 only). Any real
+# deployment sets AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+EMBEDDED_ACCESS_KEY = "lora-ops-dev"
+EMBEDDED_SECRET_KEY = "lora-ops-dev-secret"
 
 
 def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "lora-ops"
 
 
+def _env(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
 class Settings(BaseSettings):
-    """Where lora-ops keeps its local files and which services it talks to."""
+    """Endpoints, credentials and local folders of one lora-ops installation."""
 
     model_config = SettingsConfigDict(env_prefix="LORA_OPS_", extra="ignore")
 
     cache_dir: Path = Field(
         default_factory=_default_cache_dir,
         description="Materialised base models live under <cache_dir>/models/<name>.",
+    )
+    state_dir: Path = Field(
+        Path(".lora-ops"),
+        description="The embedded stack's ports, pids, logs and data.",
+    )
+    bucket: str = Field("lora-ops", description="The one S3 bucket lora-ops writes to.")
+    s3_port: int = Field(9000, ge=1, le=65535)
+    mlflow_port: int = Field(5000, ge=1, le=65535)
+    prefect_port: int = Field(4200, ge=1, le=65535)
+    s3_endpoint_url: str = Field(
+        "http://127.0.0.1:9000",
+        validation_alias=_env(
+            "LORA_OPS_S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"
+        ),
+    )
+    aws_access_key_id: SecretStr = Field(
+        SecretStr(EMBEDDED_ACCESS_KEY), validation_alias=_env("AWS_ACCESS_KEY_ID")
+    )
+    aws_secret_access_key: SecretStr = Field(
+        SecretStr(EMBEDDED_SECRET_KEY), validation_alias=_env("AWS_SECRET_ACCESS_KEY")
+    )
+    aws_region: str = Field("us-east-1", validation_alias=_env("AWS_DEFAULT_REGION", "AWS_REGION"))
+    mlflow_tracking_uri: str = Field(
+        "http://127.0.0.1:5000", validation_alias=_env("MLFLOW_TRACKING_URI")
+    )
+    prefect_api_url: str | None = Field(
+        None,
+        validation_alias=_env("PREFECT_API_URL"),
+        description="Unset: flows run in Prefect's ephemeral mode.",
     )
 
 
