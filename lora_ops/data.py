@@ -620,3 +620,16 @@ def prepare_dataset(
         dataset.sha256,
     )
     return dataset
+
+
+def prompt_of(example: Example) -> list[Message]:
+    """The conversation up to its first assistant turn: what a model is asked to answer."""
+    for index, message in enumerate(example.messages):
+        if message["role"] == "assistant":
+            return list(example.messages[:index])
+    return list(example.messages)
+
+
+def reference_reply(example: Example) -> str:
+    """The first assistant turn: the answer the customer wants for ``prompt_of(example)``."""
+    return next(m["content"] for m in example.messages if m["role"] == "assistant")

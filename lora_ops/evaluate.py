@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import cast
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lora_ops.batching import Tokenized, collate, count_loss_tokens, summed_nll
+from lora_ops.lora import adapters_in_use
 
 
 def autocast_for(device: torch.device) -> torch.autocast | nullcontext[None]:
@@ -69,3 +71,102 @@ def generate_reply(
             eos_token_id=tokenizer.eos_token_id,
         )
     return str(tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)).strip()
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Whether a candidate adapter may be registered, with the figures behind it."""
+
+    passed: bool
+    reason: str
+    base_loss: float
+    candidate_loss: float
+    production_loss: float | None
+    min_improvement: float
+    production_tolerance: float
+
+    @property
+    def improvement(self) -> float:
+        """Relative loss reduction of the candidate over the base (0.25 = 25% lower)."""
+        return (self.base_loss - self.candidate_loss) / self.base_loss if self.base_loss else 0.0
+
+
+def decide_gate(
+    base_loss: float,
+    candidate_loss: float,
+    production_loss: float | None = None,
+    min_improvement: float = 0.05,
+    production_tolerance: float = 0.02,
+) -> GateDecision:
+    """Pass when the candidate beats the base by ``min_improvement`` (relative) and is not
+    worse than the current production adapter by more than ``production_tolerance``.
+    """
+    figures = (base_loss, candidate_loss, production_loss, min_improvement, production_tolerance)
+    if not all(math.isfinite(x) for x in (base_loss, candidate_loss)):
+        return GateDecision(False, "a loss is not finite (training diverged)", *figures)
+    improvement = (base_loss - candidate_loss) / base_loss if base_loss else 0.0
+    if improvement < min_improvement:
+        reason = (
+            f"candidate eval loss {candidate_loss:.4f} is {improvement:.1%} below the base's "
+            f"{base_loss:.4f}; the gate needs at least {min_improvement:.1%}"
+        )
+        return GateDecision(False, reason, *figures)
+    if production_loss is not None and candidate_loss > production_loss * (
+        1 + production_tolerance
+    ):
+        reason = (
+            f"candidate eval loss {candidate_loss:.4f} is worse than production's "
+            f"{production_loss:.4f} by more than {production_tolerance:.1%}"
+        )
+        return GateDecision(False, reason, *figures)
+    reason = f"candidate eval loss {candidate_loss:.4f} is {improvement:.1%} below the base's"
+    if production_loss is not None:
+        reason += f" and within {production_tolerance:.1%} of production's {production_loss:.4f}"
+    return GateDecision(True, reason, *figures)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Held-out figures of the base, a candidate adapter and (if any) production."""
+
+    base_loss: float
+    candidate_loss: float
+    production_loss: float | None
+    generations: list[dict[str, str]]
+
+
+def evaluate_adapters(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    eval_examples: Sequence[Tokenized],
+    prompts: Sequence[Sequence[dict[str, str]]],
+    *,
+    has_production: bool,
+    batch_size: int = 8,
+    max_new_tokens: int = 48,
+) -> Evaluation:
+    """Measure ``model``'s base and its ``candidate`` (and ``production``) adapters.
+
+    The adapters are already loaded on ``model`` under those names; one copy of the base
+    serves all three, switched per call.
+    """
+    pad_id = int(tokenizer.pad_token_id)
+    losses: dict[str | None, float] = {}
+    for adapter in (None, "candidate", "production" if has_production else None):
+        if adapter in losses:
+            continue
+        with adapters_in_use(model, adapter):
+            losses[adapter] = eval_loss(model, eval_examples, pad_id, batch_size)
+    generations = []
+    for messages in prompts:
+        row = {"prompt": messages[-1]["content"]}
+        for column, adapter in (("base", None), ("candidate", "candidate")):
+            with adapters_in_use(model, adapter):
+                row[column] = generate_reply(model, tokenizer, messages, max_new_tokens)
+        generations.append(row)
+    return Evaluation(
+        base_loss=losses[None],
+        candidate_loss=losses["candidate"],
+        production_loss=losses.get("production"),
+        generations=generations,
+    )

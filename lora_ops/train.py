@@ -67,6 +67,7 @@ class TrainResult:
 
 
 StepCallback = Callable[[StepMetrics], None]
+CheckpointCallback = Callable[[Path, int], None]
 
 
 def learning_rate_at(step: int, total_steps: int, config: TrainConfig) -> float:
@@ -130,6 +131,7 @@ def train_adapter(
     resume: bool = False,
     run_key: str = "",
     on_step: StepCallback | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train one LoRA adapter on ``model`` and write it to ``out_dir`` in PEFT's format.
@@ -147,6 +149,8 @@ def train_adapter(
         run_key: identifies the data and base; a checkpoint made with another key (or
             config) is refused rather than silently continued.
         on_step: called after every optimizer step.
+        on_checkpoint: called with (folder, step) after each checkpoint is written, e.g.
+            to copy it to object storage.
         progress: show a progress bar.
     """
     if not train_examples:
@@ -181,6 +185,7 @@ def train_adapter(
         checkpoint_dir=checkpoint_dir,
         fingerprint=fingerprint,
         on_step=on_step,
+        on_checkpoint=on_checkpoint,
         progress=progress,
         base_model_name=base_model_name,
     )
@@ -221,6 +226,7 @@ def _run_steps(
     checkpoint_dir: Path,
     fingerprint: str,
     on_step: StepCallback | None,
+    on_checkpoint: CheckpointCallback | None,
     progress: bool,
     base_model_name: str,
 ) -> _LoopRecord:
@@ -255,9 +261,11 @@ def _run_steps(
                 )
                 on_step(metrics)
             if _checkpoint_due(step + 1, total_steps, config):
-                checkpoints.save(
+                saved = checkpoints.save(
                     checkpoint_dir, step + 1, model, optimizer, fingerprint, base_model_name
                 )
+                if on_checkpoint is not None:
+                    on_checkpoint(saved, step + 1)
     model.eval()
     elapsed = max(time.perf_counter() - started, 1e-9)
     return _LoopRecord(losses=losses, tokens_per_second=tokens_seen / elapsed)
