@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -22,7 +23,9 @@ app = typer.Typer(
 base_app = typer.Typer(help="The catalogue of base models.", no_args_is_help=True)
 data_app = typer.Typer(help="Check customer data files.", no_args_is_help=True)
 app.add_typer(base_app, name="base")
+pipeline_app = typer.Typer(help="Run the per-customer pipeline.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(pipeline_app, name="pipeline")
 
 out = Console()
 T = TypeVar("T")
@@ -83,53 +86,167 @@ def data_validate(
     out.print_json(json.dumps(report.summary()))
 
 
+Rank = Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r.")]
+Alpha = Annotated[float, typer.Option(help="LoRA alpha (scaling alpha/r).")]
+Dropout = Annotated[float, typer.Option(help="Dropout on the LoRA path.")]
+Targets = Annotated[str, typer.Option(help="Comma-separated module-name suffixes.")]
+RsLora = Annotated[bool, typer.Option(help="Scale by alpha/sqrt(r).")]
+LearningRate = Annotated[float, typer.Option(help="Peak learning rate.")]
+Epochs = Annotated[int, typer.Option(help="Passes over the data.")]
+MaxSteps = Annotated[int | None, typer.Option(help="Stop after N steps.")]
+BatchSize = Annotated[int, typer.Option(help="Examples per micro-batch.")]
+GradAccum = Annotated[int, typer.Option(help="Micro-batches per step.")]
+MaxSeqLen = Annotated[int, typer.Option(help="Longest example in tokens.")]
+Seed = Annotated[int, typer.Option(help="Random seed.")]
+CheckpointEvery = Annotated[int | None, typer.Option(help="Checkpoint every N steps.")]
+DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj"
+
+
+def _train_config(**options: Any) -> Any:
+    """TrainConfig from the shared training options; a bad value names its option."""
+    from lora_ops.config import LoraSpec, TrainConfig
+
+    targets = tuple(t.strip() for t in options.pop("target_modules").split(",") if t.strip())
+    lora = {
+        "r": options.pop("rank"),
+        "alpha": options.pop("alpha"),
+        "dropout": options.pop("dropout"),
+        "use_rslora": options.pop("rslora"),
+    }
+    options["learning_rate"] = options.pop("lr")
+    return _checked(lambda: TrainConfig(lora=LoraSpec(**lora, target_modules=targets), **options))
+
+
 @app.command()
 def train(
     base: BaseOption,
     data: Annotated[Path, typer.Option("--data", help="JSONL file of chat examples.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Adapter folder to write.")],
-    rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r.")] = 8,
-    alpha: Annotated[float, typer.Option(help="LoRA alpha (scaling alpha/r).")] = 16.0,
-    dropout: Annotated[float, typer.Option(help="Dropout on the LoRA path.")] = 0.0,
-    target_modules: Annotated[
-        str, typer.Option(help="Comma-separated module-name suffixes.")
-    ] = "q_proj,k_proj,v_proj,o_proj",
-    rslora: Annotated[bool, typer.Option(help="Scale by alpha/sqrt(r).")] = False,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-4,
-    epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 1,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after N steps.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Examples per micro-batch.")] = 8,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per step.")] = 1,
-    max_seq_len: Annotated[int, typer.Option(help="Longest example in tokens.")] = 512,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
+    rank: Rank = 8,
+    alpha: Alpha = 16.0,
+    dropout: Dropout = 0.0,
+    target_modules: Targets = DEFAULT_TARGETS,
+    rslora: RsLora = False,
+    lr: LearningRate = 2e-4,
+    epochs: Epochs = 1,
+    max_steps: MaxSteps = None,
+    batch_size: BatchSize = 8,
+    grad_accum: GradAccum = 1,
+    max_seq_len: MaxSeqLen = 512,
+    seed: Seed = 0,
+    checkpoint_every: CheckpointEvery = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint.")] = False,
 ) -> None:
     """Train a LoRA adapter locally (no servers) and write it in PEFT's format."""
-    from lora_ops.config import LoraSpec, TrainConfig
     from lora_ops.train import train_from_files
 
-    targets = tuple(t.strip() for t in target_modules.split(",") if t.strip())
-    config = _checked(
-        lambda: TrainConfig(
-            lora=LoraSpec(
-                r=rank, alpha=alpha, dropout=dropout, target_modules=targets, use_rslora=rslora
-            ),
-            learning_rate=lr,
-            epochs=epochs,
-            max_steps=max_steps,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            max_seq_len=max_seq_len,
-            seed=seed,
-            checkpoint_every=checkpoint_every,
-        )
+    config = _train_config(
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        target_modules=target_modules,
+        rslora=rslora,
+        lr=lr,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_seq_len=max_seq_len,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
     )
     result = train_from_files(base, data, config, out_dir, resume=resume)
     out.print(f"base eval loss    {result.base_eval_loss:.4f}")
     out.print(f"adapted eval loss {result.eval_loss:.4f}")
     out.print(f"{result.steps} steps, {result.tokens_per_second:.0f} tokens/s")
     print(result.adapter_dir)  # noqa: T201 - last line: the adapter folder
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    customer: Annotated[str, typer.Option("--customer", help="Customer id, e.g. acme.")],
+    data: Annotated[str, typer.Option("--data", help="JSONL path or s3://bucket/key.")],
+    base: BaseOption = "smollm2-135m-instruct",
+    rank: Rank = 8,
+    alpha: Alpha = 16.0,
+    dropout: Dropout = 0.0,
+    target_modules: Targets = DEFAULT_TARGETS,
+    rslora: RsLora = False,
+    lr: LearningRate = 2e-4,
+    epochs: Epochs = 1,
+    max_steps: MaxSteps = None,
+    batch_size: BatchSize = 8,
+    grad_accum: GradAccum = 1,
+    max_seq_len: MaxSeqLen = 512,
+    seed: Seed = 0,
+    checkpoint_every: CheckpointEvery = 20,
+    min_improvement: Annotated[
+        float, typer.Option(min=0, max=0.99, help="Needed relative loss cut over the base.")
+    ] = 0.05,
+    production_tolerance: Annotated[
+        float, typer.Option(min=0, max=0.99, help="How much worse than production is allowed.")
+    ] = 0.02,
+) -> None:
+    """Run the retrain flow for one customer: prep, train, evaluate, register."""
+    from lora_ops import names
+
+    names.check_customer(customer)
+    config = _train_config(
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        target_modules=target_modules,
+        rslora=rslora,
+        lr=lr,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_seq_len=max_seq_len,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+    )
+    _point_at_local_stack()
+    from flows.retrain import retrain
+
+    result = retrain(
+        customer=customer,
+        data_uri=data,
+        base=base,
+        config=config,
+        min_improvement=min_improvement,
+        production_tolerance=production_tolerance,
+    )
+    _print_pipeline_result(result)
+
+
+def _point_at_local_stack() -> None:
+    """Use the embedded stack's servers when it is up and nothing else is configured."""
+    from lora_ops import stack
+
+    for name, value in stack.service_env_if_up().items():
+        os.environ.setdefault(name, value)
+
+
+def _print_pipeline_result(result: dict[str, Any]) -> None:
+    from lora_ops import registry
+
+    if not result["new_version"]:
+        out.print(
+            f"nothing new: version {result['version']} of adapter-{result['customer']} "
+            "already holds this base, data and config"
+        )
+        return
+    gate = result["gate"]
+    out.print(
+        f"gate passed: eval loss {gate['candidate_loss']:.4f} vs base "
+        f"{gate['base_loss']:.4f} ({gate['improvement']:.1%} better)"
+    )
+    out.print(f"MLflow run: {registry.Registry().run_url(result['run_id'])}")
+    out.print(
+        f"registered adapter-{result['customer']} version {result['version']} "
+        "with alias 'candidate'"
+    )
 
 
 @app.command()
@@ -178,6 +295,8 @@ def _checked(build: Callable[[], T]) -> T:
 def main() -> None:
     """Console entry point: user errors print one clear line and exit 2, no traceback."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for chatty in ("httpx", "httpcore", "urllib3", "botocore"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         app()  # usage errors and exit codes are handled inside, as Click does
     except LoraOpsError as exc:

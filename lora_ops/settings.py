@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Development keys of the embedded S3 server (it listens on 127.0.0.1 only). Any real
@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     mlflow_port: int = Field(5000, ge=1, le=65535)
     prefect_port: int = Field(4200, ge=1, le=65535)
     s3_endpoint_url: str = Field(
-        "http://127.0.0.1:9000",
+        "",
         validation_alias=_env(
             "LORA_OPS_S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"
         ),
@@ -58,14 +58,21 @@ class Settings(BaseSettings):
         SecretStr(EMBEDDED_SECRET_KEY), validation_alias=_env("AWS_SECRET_ACCESS_KEY")
     )
     aws_region: str = Field("us-east-1", validation_alias=_env("AWS_DEFAULT_REGION", "AWS_REGION"))
-    mlflow_tracking_uri: str = Field(
-        "http://127.0.0.1:5000", validation_alias=_env("MLFLOW_TRACKING_URI")
-    )
+    mlflow_tracking_uri: str = Field("", validation_alias=_env("MLFLOW_TRACKING_URI"))
     prefect_api_url: str | None = Field(
         None,
         validation_alias=_env("PREFECT_API_URL"),
         description="Unset: flows run in Prefect's ephemeral mode.",
     )
+
+    @model_validator(mode="after")
+    def _point_at_embedded_stack(self) -> Settings:
+        # Unset endpoints mean the embedded stack, on whatever ports it was given.
+        if not self.s3_endpoint_url:
+            self.s3_endpoint_url = f"http://127.0.0.1:{self.s3_port}"
+        if not self.mlflow_tracking_uri:
+            self.mlflow_tracking_uri = f"http://127.0.0.1:{self.mlflow_port}"
+        return self
 
 
 def get_settings() -> Settings:

@@ -1,0 +1,386 @@
+"""The steps of one customer's retrain: prep, train, evaluate, register.
+
+Each step is a plain function over S3 (``storage``) and MLflow (``registry``) that the
+Prefect tasks in ``flows/`` wrap with their retry policies, so the logic is testable and
+usable without Prefect. Steps hand each other small references (URIs, run ids), never
+local paths, so each can run on another worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_ops import base_models, data, names, prepared
+from lora_ops.config import TrainConfig
+from lora_ops.errors import InputError, LoraOpsError
+from lora_ops.evaluate import GateDecision, decide_gate, evaluate_adapters, perplexity
+from lora_ops.lora import load_adapter
+from lora_ops.registry import Registry, adapter_tags, idempotency_key
+from lora_ops.report import gate_markdown, plot_loss_curve
+from lora_ops.settings import Settings, get_settings
+from lora_ops.storage import Storage
+from lora_ops.train import StepMetrics, train_adapter
+
+log = logging.getLogger(__name__)
+
+PROMPTS_FILE = "prompts.json"
+TRAINING_DONE_TAG = "lora_ops.training"
+SAMPLE_PROMPTS = 4
+
+
+class GateFailed(LoraOpsError):
+    """The candidate did not pass the evaluation gate; nothing was registered."""
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A prepared dataset in S3."""
+
+    customer: str
+    sha256: str
+    uri: str  # s3:// prefix of the tokenized folder
+    prompts_uri: str
+    base: str
+    train_size: int
+    eval_size: int
+
+
+@dataclass(frozen=True)
+class TrainedRef:
+    """A finished training run in MLflow; its adapter is the run artifact ``adapter/``."""
+
+    run_id: str
+    key: str
+    base_sha256: str
+    steps: int
+    reused: bool
+
+
+def _services(settings: Settings | None) -> tuple[Settings, Storage, Registry]:
+    settings = settings or get_settings()
+    return settings, Storage.from_settings(settings), Registry(settings.mlflow_tracking_uri)
+
+
+def fetch_data(data_uri: str, dst: Path, storage: Storage) -> Path:
+    """A local copy of the customer's JSONL: the path itself, or a download of s3://."""
+    if data_uri.startswith("s3://"):
+        local = dst / "data.jsonl"
+        storage.download_file(data_uri, local)
+        return local
+    path = Path(data_uri).expanduser()
+    if not path.is_file():
+        raise InputError("no such file", file=data_uri, field="data_uri")
+    return path
+
+
+def prep_step(
+    customer: str,
+    data_uri: str,
+    base: str,
+    max_seq_len: int,
+    eval_fraction: float,
+    settings: Settings | None = None,
+) -> DatasetRef:
+    """Check and tokenize the data; store it under ``datasets/<customer>/<sha256>/``.
+
+    The same content (whatever its file name or JSON formatting) maps to the same folder
+    and is reused. Bad data raises before anything is written.
+    """
+    names.check_customer(customer)
+    settings, storage, _ = _services(settings)
+    folder = base_models.resolve_base(base)
+    tokenizer = base_models.load_tokenizer(folder)
+    with tempfile.TemporaryDirectory() as work:
+        local = fetch_data(data_uri, Path(work), storage)
+        dataset = data.prepare_dataset(
+            local, tokenizer, max_seq_len=max_seq_len, eval_fraction=eval_fraction, source=data_uri
+        )
+        root = names.s3_uri(settings.bucket, names.dataset_prefix(customer, dataset.sha256))
+        tokenized_uri = f"{root}tokenized-{base_models.base_sha256(folder)[:12]}-{max_seq_len}/"
+        prompts_uri = root + PROMPTS_FILE
+        if storage.exists(tokenized_uri + "MANIFEST.json") and storage.exists(prompts_uri):
+            log.info("dataset %s already prepared at %s: reusing it", dataset.sha256, root)
+        else:
+            prepared.save_prepared(dataset, Path(work) / "prepared")
+            storage.write_json(prompts_uri, _sample_prompts(local, eval_fraction))
+            storage.upload_dir(Path(work) / "prepared", tokenized_uri, progress=False)
+    return DatasetRef(
+        customer=customer,
+        sha256=dataset.sha256,
+        uri=tokenized_uri,
+        prompts_uri=prompts_uri,
+        base=base_models.base_name(folder),
+        train_size=len(dataset.train),
+        eval_size=len(dataset.eval),
+    )
+
+
+def _sample_prompts(path: Path, eval_fraction: float) -> list[dict[str, Any]]:
+    _, held_out = data.split_examples(data.read_examples(path), eval_fraction)
+    return [
+        {"messages": data.prompt_of(e), "reference": data.reference_reply(e)}
+        for e in held_out[:SAMPLE_PROMPTS]
+    ]
+
+
+def run_key(dataset: DatasetRef, config: TrainConfig) -> tuple[str, str]:
+    """(idempotency key, base sha256) of training ``dataset`` with ``config``."""
+    base_sha = base_models.base_sha256(base_models.resolve_base(dataset.base))
+    return idempotency_key(base_sha, dataset.sha256, config), base_sha
+
+
+def existing_version(customer: str, key: str, settings: Settings | None = None) -> str | None:
+    """The version number already registered for this key, if any."""
+    _, _, registry = _services(settings)
+    version = registry.find_version(customer, key)
+    return None if version is None else str(version.version)
+
+
+def train_step(
+    dataset: DatasetRef,
+    config: TrainConfig,
+    settings: Settings | None = None,
+    progress: bool = True,
+) -> TrainedRef:
+    """Train (or resume, or reuse) the adapter for ``dataset`` as an MLflow run.
+
+    A run with the same key whose training finished is reused as is; one that was cut off
+    resumes from its newest checkpoint in ``checkpoints/<customer>/<run>/``.
+    """
+    settings, storage, registry = _services(settings)
+    key, base_sha = run_key(dataset, config)
+    run = registry.find_run(dataset.customer, key)
+    if run is not None and run.data.tags.get(TRAINING_DONE_TAG) == "done":
+        log.info(
+            "training run %s for this data and config is finished: reusing it", run.info.run_id
+        )
+        return TrainedRef(run.info.run_id, key, base_sha, 0, reused=True)
+    if run is None:
+        run_id = registry.start_run(dataset.customer, tags={"idempotency_key": key})
+        registry.log_params(run_id, _run_params(dataset, config, base_sha))
+    else:
+        run_id = run.info.run_id
+        log.info("resuming training run %s", run_id)
+    result = _train_with_checkpoints(
+        dataset, config, key, run_id, settings, storage, registry, progress
+    )
+    registry.set_tag(run_id, TRAINING_DONE_TAG, "done")
+    registry.end_run(run_id, "FINISHED")
+    return TrainedRef(run_id, key, base_sha, result, reused=False)
+
+
+def _run_params(dataset: DatasetRef, config: TrainConfig, base_sha: str) -> dict[str, Any]:
+    return {
+        **config.model_dump(mode="json"),
+        "customer": dataset.customer,
+        "base_model": dataset.base,
+        "base_model_sha256": base_sha,
+        "dataset_sha256": dataset.sha256,
+        "train_examples": dataset.train_size,
+        "eval_examples": dataset.eval_size,
+    }
+
+
+def _train_with_checkpoints(
+    dataset: DatasetRef,
+    config: TrainConfig,
+    key: str,
+    run_id: str,
+    settings: Settings,
+    storage: Storage,
+    registry: Registry,
+    progress: bool,
+) -> int:
+    checkpoints_uri = names.s3_uri(
+        settings.bucket, names.checkpoint_prefix(dataset.customer, run_id)
+    )
+    with tempfile.TemporaryDirectory() as work_dir:
+        work = Path(work_dir)
+        storage.download_dir(dataset.uri, work / "dataset")
+        examples = prepared.load_prepared(work / "dataset")
+        _download_latest_checkpoint(storage, checkpoints_uri, work / "checkpoints")
+        tokenizer = base_models.load_tokenizer(dataset.base)
+        model = base_models.load_model(dataset.base)
+
+        def on_step(m: StepMetrics) -> None:
+            metrics = {
+                "train_loss": m.loss,
+                "learning_rate": m.learning_rate,
+                "grad_norm": m.grad_norm,
+                "tokens_per_second": m.tokens_per_second,
+            }
+            registry.log_metrics(run_id, metrics, step=m.step)
+
+        def on_checkpoint(folder: Path, step: int) -> None:
+            storage.upload_dir(folder, f"{checkpoints_uri}step-{step}/", progress=False)
+
+        result = train_adapter(
+            model,
+            examples.train,
+            examples.eval,
+            config,
+            work / "adapter",
+            pad_id=int(tokenizer.pad_token_id),
+            base_model_name=dataset.base,
+            checkpoint_dir=work / "checkpoints",
+            resume=True,
+            run_key=key,
+            on_step=on_step,
+            on_checkpoint=on_checkpoint,
+            progress=progress,
+        )
+        registry.log_metrics(
+            run_id,
+            {
+                "base_eval_loss": result.base_eval_loss,
+                "train_eval_loss": result.eval_loss,
+                "throughput_tokens_per_second": result.tokens_per_second,
+                "peak_memory_bytes": float(result.peak_memory_bytes),
+                "trainable_parameters": float(result.trainable_parameters),
+                "resumed_from_step": float(result.resumed_from_step),
+            },
+        )
+        history = registry.metric_history(run_id, "train_loss")
+        curve = plot_loss_curve(
+            history,
+            work / "loss_curve.png",
+            base_eval_loss=result.base_eval_loss,
+            eval_loss=result.eval_loss,
+            title=f"{dataset.customer}: training loss",
+        )
+        registry.log_artifact(run_id, curve, "plots")
+        registry.log_artifacts(run_id, work / "adapter", "adapter")
+        return result.steps
+
+
+def _download_latest_checkpoint(storage: Storage, prefix_uri: str, local: Path) -> None:
+    steps = sorted(
+        {
+            int(key.split("step-", 1)[1].split("/", 1)[0])
+            for key in storage.list_keys(prefix_uri)
+            if key.endswith("/MANIFEST.json") and "step-" in key
+        }
+    )
+    if steps:
+        storage.download_dir(f"{prefix_uri}step-{steps[-1]}/", local / f"step-{steps[-1]}")
+        log.info("resuming from checkpoint step %d in %s", steps[-1], prefix_uri)
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    """The evaluation figures, the gate's decision and the Markdown report."""
+
+    gate: GateDecision
+    generations: list[dict[str, str]]
+    markdown: str
+
+    def figures(self) -> dict[str, Any]:
+        return asdict(self.gate) | {"improvement": self.gate.improvement}
+
+
+def evaluate_step(
+    dataset: DatasetRef,
+    trained: TrainedRef,
+    min_improvement: float = 0.05,
+    production_tolerance: float = 0.02,
+    settings: Settings | None = None,
+) -> EvalOutcome:
+    """Held-out loss of base, candidate and production; sample replies; the gate."""
+    settings, storage, registry = _services(settings)
+    with tempfile.TemporaryDirectory() as work_dir:
+        work = Path(work_dir)
+        storage.download_dir(dataset.uri, work / "dataset")
+        examples = prepared.load_prepared(work / "dataset")
+        prompts = storage.read_json(dataset.prompts_uri)
+        tokenizer = base_models.load_tokenizer(dataset.base)
+        model = base_models.load_model(dataset.base)
+        load_adapter(
+            model, registry.download_run_artifacts(trained.run_id, "adapter", work), "candidate"
+        )
+        production = registry.get_version_by_alias(dataset.customer, names.PRODUCTION)
+        if production is not None:
+            prod_dir = registry.download_adapter(
+                f"models:/{names.registered_model_name(dataset.customer)}@production",
+                work / "production",
+            )
+            load_adapter(model, prod_dir, "production")
+        evaluation = evaluate_adapters(
+            model,
+            tokenizer,
+            examples.eval,
+            [p["messages"] for p in prompts],
+            has_production=production is not None,
+        )
+    gate = decide_gate(
+        evaluation.base_loss,
+        evaluation.candidate_loss,
+        evaluation.production_loss,
+        min_improvement,
+        production_tolerance,
+    )
+    _log_evaluation(registry, trained.run_id, gate, evaluation.generations)
+    markdown = gate_markdown(
+        dataset.customer, gate, evaluation.generations, run_url=registry.run_url(trained.run_id)
+    )
+    return EvalOutcome(gate=gate, generations=evaluation.generations, markdown=markdown)
+
+
+def _log_evaluation(
+    registry: Registry, run_id: str, gate: GateDecision, generations: list[dict[str, str]]
+) -> None:
+    metrics = {
+        "base_eval_loss": gate.base_loss,
+        "eval_loss": gate.candidate_loss,
+        "eval_perplexity": perplexity(gate.candidate_loss),
+        "improvement_over_base": gate.improvement,
+    }
+    if gate.production_loss is not None:
+        metrics["production_eval_loss"] = gate.production_loss
+    registry.log_metrics(run_id, metrics)
+    columns = {name: [row[name] for row in generations] for name in ("prompt", "base", "candidate")}
+    registry.log_table(run_id, columns, "eval/generations.json")
+    registry.set_tag(run_id, "gate", "passed" if gate.passed else "failed")
+    registry.set_tag(run_id, "gate_reason", gate.reason)
+
+
+def register_step(
+    dataset: DatasetRef,
+    trained: TrainedRef,
+    outcome: EvalOutcome,
+    config: TrainConfig,
+    settings: Settings | None = None,
+) -> str:
+    """Register the candidate as a version with alias ``candidate``; returns its number.
+
+    A failed gate registers nothing and raises GateFailed with the figures. A version for
+    the same base, data and config is returned as is, never registered twice.
+    """
+    if not outcome.gate.passed:
+        raise GateFailed(f"gate failed for {dataset.customer}: {outcome.gate.reason}")
+    settings, _, registry = _services(settings)
+    found = registry.find_version(dataset.customer, trained.key)
+    if found is not None:
+        log.info("version %s already holds this base, data and config", found.version)
+        return str(found.version)
+    tags = adapter_tags(
+        base_model=dataset.base,
+        base_model_sha256=trained.base_sha256,
+        dataset_sha256=dataset.sha256,
+        lora=config.lora,
+        eval_loss=outcome.gate.candidate_loss,
+        base_eval_loss=outcome.gate.base_loss,
+        gate_passed=True,
+    )
+    with tempfile.TemporaryDirectory() as work:
+        adapter_dir = registry.download_run_artifacts(trained.run_id, "adapter", Path(work))
+        version = registry.register_adapter(
+            dataset.customer, trained.run_id, adapter_dir, tags, outcome.markdown, trained.key
+        )
+    log.info(
+        "registered %s version %s", names.registered_model_name(dataset.customer), version.version
+    )
+    return str(version.version)
