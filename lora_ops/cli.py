@@ -26,6 +26,8 @@ app.add_typer(base_app, name="base")
 pipeline_app = typer.Typer(help="Run the per-customer pipeline.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(pipeline_app, name="pipeline")
+stack_app = typer.Typer(help="The embedded local stack: S3, MLflow, Prefect.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
 
 out = Console()
 T = TypeVar("T")
@@ -280,6 +282,56 @@ def generate(
         {"role": "user", "content": prompt}
     ]
     print(generate_reply(model, tokenizer, messages, max_new_tokens))  # noqa: T201
+
+
+def _stack_table(rows: list[Any]) -> Table:
+    table = Table("service", "url", "pid", "state")
+    for row in rows:
+        state = "[green]healthy[/]" if row.healthy else f"[red]{row.detail}[/]"
+        table.add_row(row.name, row.url, str(row.pid or "-"), state)
+    return table
+
+
+@stack_app.command("up")
+def stack_up() -> None:
+    """Start S3, MLflow and Prefect on 127.0.0.1 (only what is not running yet)."""
+    from lora_ops import stack
+
+    rows = stack.up()
+    out.print(_stack_table(rows))
+    urls = {row.name: row.url for row in rows}
+    out.print(f"MLflow UI:  {urls['mlflow']}")
+    out.print(f"Prefect UI: {urls['prefect'].removesuffix('/api')}")
+    out.print('Point a shell at it: eval "$(lora-ops stack env)"')
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop what `stack up` started; the data stays."""
+    from lora_ops import stack
+
+    stopped = stack.down()
+    out.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Each part, its URL and health; exit 1 when a started part is not healthy."""
+    from lora_ops import stack
+
+    rows = stack.status()
+    out.print(_stack_table(rows))
+    if any(row.pid is not None and not row.healthy for row in rows):
+        raise typer.Exit(1)
+
+
+@stack_app.command("env")
+def stack_env() -> None:
+    """Print `export NAME=value` lines that point a shell and the MLflow/Prefect CLIs here."""
+    from lora_ops import stack
+
+    for line in stack.env_lines():
+        print(line)  # noqa: T201 - for eval in a shell
 
 
 def _checked(build: Callable[[], T]) -> T:
