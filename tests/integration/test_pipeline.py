@@ -94,6 +94,16 @@ def test_retrain_registers_a_candidate_with_files_peft_loads(
     artifacts = [a.path for a in registry.client.list_artifacts(result["run_id"], "plots")]
     assert "plots/loss_curve.png" in artifacts
 
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["eval-acme"]))
+        )
+    assert artifacts
+    assert "# acme: gate passed" in str(artifacts[0].data)
+
     again = run_retrain("acme", str(data_file))
     assert again["new_version"] is False
     assert again["version"] == "1"
@@ -128,3 +138,47 @@ def test_data_from_s3(stack: Any, tmp_path: Path) -> None:
     result = run_retrain("hooli", uri)
     assert result["version"] == "1"
     assert json.loads(json.dumps(result["gate"]))["passed"] is True
+
+
+def test_cli_pipeline_run_and_pyfunc_over_the_server(stack: Any, tmp_path: Path) -> None:
+    import mlflow
+    from typer.testing import CliRunner
+
+    from lora_ops.cli import app
+
+    data_file = write_data(tmp_path / "vandelay.jsonl", slice(200, 240))
+    result = CliRunner().invoke(
+        app,
+        [
+            "pipeline",
+            "run",
+            "--customer",
+            "vandelay",
+            "--data",
+            str(data_file),
+            "--base",
+            "tiny-llama",
+            "--rank",
+            "8",
+            "--lr",
+            "1e-2",
+            "--max-steps",
+            "8",
+            "--batch-size",
+            "4",
+            "--max-seq-len",
+            "256",
+            "--min-improvement",
+            "0.001",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "registered adapter-vandelay version 1 with alias 'candidate'" in result.output
+    assert "MLflow run:" in result.output
+    model = mlflow.pyfunc.load_model("models:/adapter-vandelay@candidate")
+    replies = model.predict(["How much is the Pro Anvil?"], params={"max_new_tokens": 4})
+    assert len(replies) == 1
+    assert isinstance(replies[0], str)
+    bad = CliRunner().invoke(app, ["pipeline", "run", "--customer", "Bad Name", "--data", "x"])
+    assert bad.exit_code != 0
+    assert "not a customer id" in str(bad.exception)
