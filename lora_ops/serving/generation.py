@@ -1,0 +1,179 @@
+"""Batched decoding where every row has its own adapter, sampling settings and stop rules.
+
+Rows are left-padded so all prompts end at the same position; position ids come from the
+attention mask, so a padded row computes what it would alone. The base matmuls are shared
+by the batch; each adapter's low-rank update runs on its own rows (``set_row_adapters``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from lora_ops.errors import InputError
+from lora_ops.evaluate import autocast_for
+from lora_ops.lora import adapters_in_use
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded: greedy when ``temperature`` is 0."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_tokens <= 4096:
+            raise InputError("must be between 1 and 4096", field="max_tokens")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise InputError("must be between 0 and 2", field="temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InputError("must be in (0, 1]", field="top_p")
+        if len(self.stop) > 4 or any(not s for s in self.stop):
+            raise InputError("at most 4 non-empty strings", field="stop")
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    adapter: str | None
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (end of turn or a stop string) or "length"
+    prompt_tokens: int
+
+
+TokenCallback = Callable[[int, str], None]  # (row, newly decoded text)
+
+
+class _Row:
+    """Decoding state of one request."""
+
+    def __init__(self, request: GenerationRequest, device: torch.device) -> None:
+        self.request = request
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.generator: torch.Generator | None = None
+        if request.params.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            seed = request.params.seed
+            self.generator.manual_seed(seed if seed is not None else torch.seed())
+
+    def pick(self, logits: torch.Tensor) -> int:
+        params = self.request.params
+        if params.temperature == 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+        if params.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def generate_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[GenerationRequest],
+    on_text: TokenCallback | None = None,
+) -> list[GenerationResult]:
+    """Decode every request in one batch, each through its own adapter (or the base)."""
+    device = next(model.parameters()).device
+    rows = [_Row(r, device) for r in requests]
+    input_ids, attention_mask = _left_pad([r.prompt_ids for r in requests], tokenizer, device)
+    eos = _end_ids(model, tokenizer)
+    cache = DynamicCache()
+    step_ids = input_ids
+    with torch.no_grad(), adapters_in_use(model, [r.adapter for r in requests]):
+        for _ in range(max(r.params.max_tokens for r in requests)):
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
+            with autocast_for(device):
+                out = model(
+                    input_ids=step_ids,
+                    attention_mask=attention_mask,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :]  # (batch, vocab)
+            next_ids = [
+                _advance(row, logits[i], eos, tokenizer, on_text, i) for i, row in enumerate(rows)
+            ]
+            if all(row.finish_reason for row in rows):
+                break
+            step_ids = torch.tensor(next_ids, device=device).unsqueeze(1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], 1)
+    return [_result(row) for row in rows]
+
+
+def _advance(
+    row: _Row,
+    logits: torch.Tensor,
+    eos: set[int | None],
+    tokenizer: PreTrainedTokenizerBase,
+    on_text: TokenCallback | None,
+    index: int,
+) -> int:
+    """Pick this row's next token (or keep feeding padding once it has finished)."""
+    if row.finish_reason:
+        return int(tokenizer.pad_token_id)
+    token = row.pick(logits)
+    if token in eos:
+        row.finish_reason = "stop"
+        return token
+    row.tokens.append(token)
+    text = tokenizer.decode(row.tokens, skip_special_tokens=True)
+    cut = min((text.find(s) for s in row.request.params.stop if s in text), default=-1)
+    if cut >= 0:
+        text, row.finish_reason = text[:cut], "stop"
+    elif len(row.tokens) >= row.request.params.max_tokens:
+        row.finish_reason = "length"
+    # A partial UTF-8 character decodes as U+FFFD: hold it back until it is whole.
+    whole = not text.endswith("\ufffd") or row.finish_reason is not None
+    if whole and len(text) > len(row.text) and on_text is not None:
+        on_text(index, text[len(row.text) :])
+    if whole or row.finish_reason:
+        row.text = text
+    return token
+
+
+def _end_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int | None]:
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    extra = configured if isinstance(configured, list) else [configured]
+    return {tokenizer.eos_token_id, *extra} - {None}
+
+
+def _left_pad(
+    prompts: Sequence[list[int]], tokenizer: PreTrainedTokenizerBase, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if any(not p for p in prompts):
+        raise InputError("a prompt must hold at least one token", field="prompt")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), int(tokenizer.pad_token_id), dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _result(row: _Row) -> GenerationResult:
+    return GenerationResult(
+        text=row.text,
+        token_ids=row.tokens,
+        finish_reason=row.finish_reason or "length",
+        prompt_tokens=len(row.request.prompt_ids),
+    )
