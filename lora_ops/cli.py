@@ -284,6 +284,45 @@ def generate(
     print(generate_reply(model, tokenizer, messages, max_new_tokens))  # noqa: T201
 
 
+@app.command()
+def serve(
+    base: BaseOption = "smollm2-135m-instruct",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+    admin_token: Annotated[
+        str | None,
+        typer.Option(
+            help="Bearer token for load/unload (default: LORA_OPS_ADMIN_TOKEN).", show_default=False
+        ),
+    ] = None,
+    max_adapters: Annotated[int, typer.Option(min=1, help="Adapters kept in memory.")] = 8,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Requests per batch.")] = 16,
+    batch_window_ms: Annotated[float, typer.Option(min=0, help="Wait for company, ms.")] = 10.0,
+) -> None:
+    """Run a serving replica: the base model plus adapters, OpenAI-compatible API."""
+    import uvicorn
+
+    from lora_ops.serving.app import create_app
+    from lora_ops.serving.engine import Engine
+    from lora_ops.settings import get_settings
+
+    token = admin_token or _secret(get_settings().admin_token)
+    engine = Engine(
+        base,
+        max_adapters=max_adapters,
+        max_batch_size=max_batch_size,
+        batch_window_s=batch_window_ms / 1000,
+    )
+    try:
+        uvicorn.run(create_app(engine, token), host=host, port=port, log_level="warning")
+    finally:
+        engine.close()
+
+
+def _secret(value: Any) -> str | None:
+    return None if value is None else str(value.get_secret_value())
+
+
 def _stack_table(rows: list[Any]) -> Table:
     table = Table("service", "url", "pid", "state")
     for row in rows:

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     )
     aws_region: str = Field("us-east-1", validation_alias=_env("AWS_DEFAULT_REGION", "AWS_REGION"))
     mlflow_tracking_uri: str = Field("", validation_alias=_env("MLFLOW_TRACKING_URI"))
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for a replica's adapter load/unload endpoints."
+    )
     prefect_api_url: str | None = Field(
         None,
         validation_alias=_env("PREFECT_API_URL"),
