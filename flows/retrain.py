@@ -1,4 +1,4 @@
-"""The per-customer flow: prep -> train -> evaluate -> register."""
+"""The per-customer flow: prep -> train -> evaluate -> register (-> deploy)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger
 from pydantic import Field
 
 from flows import tasks
+from flows.deploy import deploy_adapter
 from lora_ops import names, pipeline
 from lora_ops.config import TrainConfig
 
@@ -20,6 +21,7 @@ def retrain(
     config: TrainConfig = Field(default_factory=TrainConfig),  # noqa: B008 - Prefect form
     min_improvement: float = Field(0.05, ge=0, lt=1),
     production_tolerance: float = Field(0.02, ge=0, lt=1),
+    auto_deploy: bool = False,
 ) -> dict[str, Any]:
     """Train, evaluate and register one customer's LoRA adapter."""
     logger = get_run_logger()
@@ -38,6 +40,9 @@ def retrain(
     trained = tasks.train(dataset, config)
     outcome = tasks.evaluate(dataset, trained, min_improvement, production_tolerance)
     version = tasks.register(dataset, trained, outcome, config)
+    deployed = None
+    if auto_deploy:
+        deployed = deploy_adapter(customer=customer, version=version, triggered_by="retrain")
     return {
         "customer": customer,
         "version": version,
@@ -45,4 +50,5 @@ def retrain(
         "run_id": trained.run_id,
         "dataset_sha256": dataset.sha256,
         "gate": outcome.figures(),
+        "deployed": deployed,
     }

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -298,6 +299,9 @@ def serve(
     max_adapters: Annotated[int, typer.Option(min=1, help="Adapters kept in memory.")] = 8,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Requests per batch.")] = 16,
     batch_window_ms: Annotated[float, typer.Option(min=0, help="Wait for company, ms.")] = 10.0,
+    bootstrap: Annotated[
+        bool, typer.Option(help="Load every production adapter from MLflow at start.")
+    ] = True,
 ) -> None:
     """Run a serving replica: the base model plus adapters, OpenAI-compatible API."""
     import uvicorn
@@ -313,14 +317,100 @@ def serve(
         max_batch_size=max_batch_size,
         batch_window_s=batch_window_ms / 1000,
     )
+    app_ = create_app(engine, token)
+    if bootstrap:
+        app_.state.ready = False
+        threading.Thread(target=_bootstrap, args=(app_, engine, base), daemon=True).start()
     try:
-        uvicorn.run(create_app(engine, token), host=host, port=port, log_level="warning")
+        uvicorn.run(app_, host=host, port=port, log_level="warning")
     finally:
         engine.close()
 
 
+def _bootstrap(app_: Any, engine: Any, base: str) -> None:
+    """Load every production adapter for this base from the registry, then report ready."""
+    from lora_ops import base_models
+    from lora_ops.serving.bootstrap import load_production_adapters
+
+    try:
+        load_production_adapters(engine, base_models.base_name(base_models.resolve_base(base)))
+    except Exception:
+        logging.getLogger(__name__).exception("the registry could not be read at start-up")
+    app_.state.ready = True
+
+
 def _secret(value: Any) -> str | None:
     return None if value is None else str(value.get_secret_value())
+
+
+fleet_app = typer.Typer(help="The serving replicas deploys go to.", no_args_is_help=True)
+app.add_typer(fleet_app, name="fleet")
+
+
+@fleet_app.command("add")
+def fleet_add(
+    url: Annotated[str, typer.Argument(help="Replica base URL, http://host:port.")],
+) -> None:
+    """Register a replica."""
+    from lora_ops.fleet import Fleet
+
+    out.print(f"added {Fleet().add(url)}")
+
+
+@fleet_app.command("remove")
+def fleet_remove(url: Annotated[str, typer.Argument(help="Replica base URL.")]) -> None:
+    """Forget a replica (it keeps running)."""
+    from lora_ops.fleet import Fleet
+
+    if not Fleet().remove(url.rstrip("/")):
+        raise InputError(f"{url} is not in the fleet", field="url")
+    out.print(f"removed {url}")
+
+
+@fleet_app.command("list")
+def fleet_list() -> None:
+    """Replicas with their health and the adapters they serve."""
+    from lora_ops.fleet import Fleet
+
+    fleet = Fleet()
+    table = Table("replica", "health", "models")
+    for url in fleet.urls():
+        health = fleet.health(url)
+        state = "[green]healthy[/]" if health.healthy else f"[red]{health.detail}[/]"
+        table.add_row(url, state, ", ".join(health.models))
+    out.print(table)
+
+
+@app.command()
+def deploy(
+    customer: Annotated[str, typer.Option("--customer", help="Customer id.")],
+    version: Annotated[str | None, typer.Option(help="Version number to deploy.")] = None,
+    alias: Annotated[
+        str, typer.Option(help="Alias to deploy when no version is given.")
+    ] = "candidate",
+) -> None:
+    """Load a version on every replica, smoke-test it, then make it production."""
+    from flows.deploy import deploy_adapter
+
+    _point_at_local_stack()
+    result = deploy_adapter(customer=customer, version=version, alias=alias)
+    out.print(
+        f"adapter-{customer} version {result['version']} is production on "
+        f"{len(result['replicas'])} replica(s); previous: {result['previous']}"
+    )
+
+
+@app.command()
+def rollback(customer: Annotated[str, typer.Option("--customer", help="Customer id.")]) -> None:
+    """Serve the previous production version everywhere again."""
+    from flows.deploy import rollback_adapter
+
+    _point_at_local_stack()
+    result = rollback_adapter(customer=customer)
+    out.print(
+        f"adapter-{customer} rolled back to version {result['version']} on "
+        f"{len(result['replicas'])} replica(s)"
+    )
 
 
 def _stack_table(rows: list[Any]) -> Table:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_ops import base_models, data, names, prepared
+from lora_ops import base_models, data, names, prepared, smoke
 from lora_ops.config import TrainConfig
 from lora_ops.errors import InputError, LoraOpsError
 from lora_ops.evaluate import GateDecision, decide_gate, evaluate_adapters, perplexity
@@ -22,7 +22,7 @@ from lora_ops.lora import load_adapter
 from lora_ops.registry import Registry, adapter_tags, idempotency_key
 from lora_ops.report import gate_markdown, plot_loss_curve
 from lora_ops.settings import Settings, get_settings
-from lora_ops.storage import Storage
+from lora_ops.storage import Storage, sha256_file
 from lora_ops.train import StepMetrics, train_adapter
 
 log = logging.getLogger(__name__)
@@ -377,6 +377,9 @@ def register_step(
     )
     with tempfile.TemporaryDirectory() as work:
         adapter_dir = registry.download_run_artifacts(trained.run_id, "adapter", Path(work))
+        # What deploys check: the weights' checksum, and the answer to the smoke prompt.
+        tags[smoke.ADAPTER_SHA256_TAG] = sha256_file(adapter_dir / "adapter_model.safetensors")
+        tags[smoke.SMOKE_OUTPUT_TAG] = smoke.smoke_reply(dataset.base, adapter_dir)
         version = registry.register_adapter(
             dataset.customer, trained.run_id, adapter_dir, tags, outcome.markdown, trained.key
         )

@@ -477,6 +477,18 @@ class Registry:
         log.info("%s: production %s -> %s", name, current, target)
         return self.client.get_model_version(name, target)
 
+    def production_versions(self, base_model: str) -> list[tuple[str, ModelVersion]]:
+        """(customer, version) of every customer whose production adapter fits ``base_model``."""
+        found = []
+        for model in self.client.search_registered_models("name LIKE 'adapter-%'"):
+            version = model.aliases.get(names.PRODUCTION)
+            if version is None:
+                continue
+            mv = self.client.get_model_version(model.name, str(version))
+            if mv.tags.get("base_model") == base_model:
+                found.append((model.name.removeprefix("adapter-"), mv))
+        return found
+
     def _aliases_of(self, name: str) -> dict[str, str]:
         try:
             return {k: str(v) for k, v in self.client.get_registered_model(name).aliases.items()}

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     )
     aws_region: str = Field("us-east-1", validation_alias=_env("AWS_DEFAULT_REGION", "AWS_REGION"))
     mlflow_tracking_uri: str = Field("", validation_alias=_env("MLFLOW_TRACKING_URI"))
+    database_url: str = Field(
+        "", description="SQLAlchemy URL of the service database (default: SQLite in state_dir)."
+    )
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for a replica's adapter load/unload endpoints."
     )
@@ -73,6 +76,8 @@ class Settings(BaseSettings):
         # Unset endpoints mean the embedded stack, on whatever ports it was given.
         if not self.s3_endpoint_url:
             self.s3_endpoint_url = f"http://127.0.0.1:{self.s3_port}"
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.state_dir.expanduser().resolve()}/lora-ops.db"
         if not self.mlflow_tracking_uri:
             self.mlflow_tracking_uri = f"http://127.0.0.1:{self.mlflow_port}"
         return self

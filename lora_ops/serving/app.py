@@ -132,24 +132,40 @@ def create_app(engine: Engine, admin_token: str | None = None) -> FastAPI:
             return openai_error(403, "the admin token is not valid", "permission_error")
         return None
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
+    app.state.ready = True
+
+    @app.get("/health", response_model=None)
+    async def health() -> JSONResponse | dict[str, str]:
+        # Not ready while production adapters are still loading at start-up.
+        if not app.state.ready:
+            return JSONResponse({"status": "loading", "base": engine.base}, status_code=503)
         return {"status": "ok", "base": engine.base}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
+        # vLLM's shape: an adapter's root is where it was loaded from, its parent the base.
         now = int(time.time())
         data = [
             {
-                "id": m,
+                "id": "base",
                 "object": "model",
                 "created": now,
                 "owned_by": "lora-ops",
                 "root": engine.base,
-                "parent": None if m == "base" else "base",
+                "parent": None,
             }
-            for m in engine.models()
         ]
+        for name in engine.models()[1:]:
+            data.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": now,
+                    "owned_by": "lora-ops",
+                    "root": engine.source_of(name),
+                    "parent": "base",
+                }
+            )
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions", response_model=None)

@@ -116,6 +116,10 @@ class Engine:
         """``base`` and every adapter name this engine can serve."""
         return [BASE_MODEL_NAME, *sorted(self._sources)]
 
+    def source_of(self, name: str) -> str:
+        """Where adapter ``name`` was loaded from (vLLM reports it as the model's root)."""
+        return self._sources[name].uri
+
     def resident_adapters(self) -> list[str]:
         return list(self._resident)
 

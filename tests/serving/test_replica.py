@@ -56,6 +56,7 @@ def replica(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             str(port),
             "--batch-window-ms",
             "200",
+            "--no-bootstrap",
         ],
         env=env,
         stdout=log.open("wb"),

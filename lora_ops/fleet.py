@@ -1,0 +1,124 @@
+"""The serving fleet: replicas registered by URL, and the HTTP client that drives them.
+
+Replicas are spoken to only through their HTTP API (vLLM's load/unload shapes, OpenAI's
+chat completions), so a fleet of vLLM servers started with ``--enable-lora`` works the
+same way. The one home of httpx calls to replicas.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import httpx
+from sqlalchemy import delete
+
+from lora_ops.db import Database, Replica
+from lora_ops.errors import InputError, LoraOpsError
+from lora_ops.settings import get_settings
+from lora_ops.smoke import SMOKE_MAX_TOKENS, SMOKE_MESSAGES
+
+log = logging.getLogger(__name__)
+URL = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+(:\d{1,5})?/?$")
+
+
+class ReplicaError(LoraOpsError):
+    """A replica did not do what it was asked."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(f"replica {url}: {reason}")
+
+
+@dataclass(frozen=True)
+class ReplicaHealth:
+    url: str
+    healthy: bool
+    models: list[str]
+    detail: str
+
+
+def check_url(url: str) -> str:
+    if not URL.fullmatch(url):
+        raise InputError(f"{url!r} is not an http(s)://host:port URL", field="url")
+    return url.rstrip("/")
+
+
+class Fleet:
+    """The registered replicas and the calls that change what they serve."""
+
+    def __init__(
+        self, db: Database | None = None, admin_token: str | None = None, timeout_s: float = 120.0
+    ) -> None:
+        self.db = db or Database.from_settings()
+        token = admin_token
+        if token is None and (secret := get_settings().admin_token) is not None:
+            token = secret.get_secret_value()
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.timeout_s = timeout_s
+
+    def add(self, url: str) -> str:
+        url = check_url(url)
+        with self.db.session() as session:
+            if session.query(Replica).filter_by(url=url).first() is None:
+                session.add(Replica(url=url))
+        return url
+
+    def remove(self, url: str) -> bool:
+        with self.db.session() as session:
+            return bool(session.execute(delete(Replica).where(Replica.url == url)).rowcount)
+
+    def urls(self) -> list[str]:
+        return self.db.replica_urls()
+
+    def health(self, url: str) -> ReplicaHealth:
+        try:
+            httpx.get(f"{url}/health", timeout=5).raise_for_status()
+            models = self.models(url)
+        except (httpx.HTTPError, ReplicaError) as exc:
+            return ReplicaHealth(url, False, [], str(exc) or type(exc).__name__)
+        return ReplicaHealth(url, True, models, "healthy")
+
+    def models(self, url: str) -> list[str]:
+        response = self._call("GET", url, "/v1/models")
+        return [m["id"] for m in response.json()["data"]]
+
+    def served_from(self, url: str) -> dict[str, str]:
+        """Adapter name -> where the replica loaded it from (its ``root`` in /v1/models)."""
+        response = self._call("GET", url, "/v1/models")
+        return {m["id"]: str(m.get("root")) for m in response.json()["data"] if m["id"] != "base"}
+
+    def load(self, url: str, name: str, lora_path: str, sha256: str | None = None) -> None:
+        body = {"lora_name": name, "lora_path": lora_path}
+        if sha256:
+            body["sha256"] = sha256
+        self._call("POST", url, "/v1/load_lora_adapter", json=body)
+
+    def unload(self, url: str, name: str) -> None:
+        self._call("POST", url, "/v1/unload_lora_adapter", json={"lora_name": name})
+
+    def smoke(self, url: str, name: str) -> str:
+        """The replica's greedy answer to the smoke prompt through adapter ``name``."""
+        body = {
+            "model": name,
+            "messages": SMOKE_MESSAGES,
+            "max_tokens": SMOKE_MAX_TOKENS,
+            "temperature": 0,
+        }
+        response = self._call("POST", url, "/v1/chat/completions", json=body)
+        return str(response.json()["choices"][0]["message"]["content"])
+
+    def _call(self, method: str, url: str, path: str, **kwargs: object) -> httpx.Response:
+        try:
+            response = httpx.request(
+                method, url + path, headers=self._headers, timeout=self.timeout_s, **kwargs
+            )  # type: ignore[arg-type]
+        except httpx.HTTPError as exc:
+            raise ReplicaError(url, f"unreachable ({type(exc).__name__})") from None
+        if response.status_code >= 400:
+            raise ReplicaError(
+                url, f"{path} answered {response.status_code}: {response.text[:300]}"
+            )
+        return response

@@ -1,0 +1,27 @@
+"""The smoke test of a deployed adapter: one fixed prompt, greedy, compared with the answer
+recorded when the version was registered."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lora_ops import base_models
+from lora_ops.lora import load_adapter
+from lora_ops.serving.generation import GenerationRequest, SamplingParams, generate_batch
+
+SMOKE_MESSAGES = [{"role": "user", "content": "Hello! What can you help me with?"}]
+SMOKE_MAX_TOKENS = 16
+SMOKE_OUTPUT_TAG = "smoke_output"
+ADAPTER_SHA256_TAG = "adapter_sha256"
+
+
+def smoke_reply(base: str, adapter_dir: Path) -> str:
+    """What the adapter answers to the smoke prompt, decoded as a replica decodes it."""
+    tokenizer = base_models.load_tokenizer(base)
+    model = base_models.load_model(base)
+    load_adapter(model, adapter_dir, "smoke")
+    prompt = tokenizer.apply_chat_template(
+        SMOKE_MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    request = GenerationRequest(list(prompt), "smoke", SamplingParams(max_tokens=SMOKE_MAX_TOKENS))
+    return generate_batch(model, tokenizer, [request])[0].text

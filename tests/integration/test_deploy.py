@@ -1,0 +1,184 @@
+"""Deploys to a fleet of two real replicas: all or nothing, rollback, self-converging replicas."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from lora_ops import names
+from lora_ops.config import TrainConfig
+from lora_ops.db import Database, DeployInProgress
+from lora_ops.deployment import DeployFailed, deploy, rollback
+from lora_ops.fleet import Fleet
+from lora_ops.lora import LoraSpec
+from lora_ops.registry import Registry
+from lora_ops.smoke import SMOKE_OUTPUT_TAG
+from tests.integration.conftest import free_port
+
+pytestmark = pytest.mark.integration
+SAMPLE = Path(__file__).parents[2] / "examples" / "acme-support.jsonl"
+TOKEN = "fleet-admin-token-for-tests"
+CUSTOMER = "deploy-co"
+
+
+class ReplicaProcess:
+    def __init__(self, port: int, log: Path) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "LORA_OPS_ADMIN_TOKEN": TOKEN}
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from lora_ops.cli import main; main()",
+                "serve",
+                "--base",
+                "tiny-llama",
+                "--port",
+                str(self.port),
+            ],
+            env=env,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(self.url + "/health").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert self.process.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, "replica did not become ready"
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def versions(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Two registered versions of the customer: version -> its recorded smoke answer."""
+    from flows.retrain import retrain
+
+    root = tmp_path_factory.mktemp("data")
+    smoke = {}
+    for version, (lines, lr, steps) in enumerate(
+        [(slice(0, 40), 1e-2, 4), (slice(40, 80), 1e-2, 16)], 1
+    ):
+        data = root / f"v{version}.jsonl"
+        data.write_text("".join(SAMPLE.read_text().splitlines(keepends=True)[lines]))
+        config = TrainConfig(
+            lora=LoraSpec(r=8, alpha=16),
+            learning_rate=lr,
+            max_steps=steps,
+            batch_size=4,
+            max_seq_len=256,
+            eval_fraction=0.2,
+        )
+        result = retrain(
+            customer=CUSTOMER,
+            data_uri=str(data),
+            base="tiny-llama",
+            config=config,
+            min_improvement=0.0,
+            production_tolerance=0.99,
+        )
+        assert result["version"] == str(version)
+        smoke[str(version)] = Registry().get_version(CUSTOMER, version).tags[SMOKE_OUTPUT_TAG]
+    return smoke
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    stack: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Fleet, list[ReplicaProcess]]]:
+    os.environ["LORA_OPS_ADMIN_TOKEN"] = TOKEN
+    logs = tmp_path_factory.mktemp("replicas")
+    replicas = [ReplicaProcess(free_port(), logs / f"r{i}.log") for i in range(2)]
+    try:
+        for replica in replicas:
+            replica.start()
+        fleet = Fleet(Database(), admin_token=TOKEN)
+        for replica in replicas:
+            fleet.add(replica.url)
+        yield fleet, replicas
+    finally:
+        for replica in replicas:
+            replica.kill()
+        os.environ.pop("LORA_OPS_ADMIN_TOKEN", None)
+
+
+def serves(fleet: Fleet, url: str, versions: dict[str, str]) -> str | None:
+    """The version ``url`` serves the customer (its smoke answer checked), or None."""
+    source = fleet.served_from(url).get(CUSTOMER)
+    if source is None:
+        return None
+    version = source.rsplit("/", 1)[1]
+    assert fleet.smoke(url, CUSTOMER) == versions[version]
+    return version
+
+
+def test_deploy_failure_rollback_and_restart(
+    versions: dict[str, str], fleet: tuple[Fleet, list[ReplicaProcess]]
+) -> None:
+    client, replicas = fleet
+    registry = Registry()
+    first = deploy(CUSTOMER, "1", fleet=client)
+    assert first.previous is None
+    assert [serves(client, r.url, versions) for r in replicas] == ["1", "1"]
+    assert registry.get_aliases(CUSTOMER)[names.PRODUCTION] == "1"
+
+    replicas[1].kill()
+    with pytest.raises(DeployFailed, match=f"replica {replicas[1].url}: unreachable"):
+        deploy(CUSTOMER, "2", fleet=client)
+    assert serves(client, replicas[0].url, versions) == "1"
+    assert registry.get_aliases(CUSTOMER)[names.PRODUCTION] == "1"
+    history = client.db.deployments(CUSTOMER)
+    assert {row.status for row in history if row.version == "2"} == {"failed"}
+
+    replicas[1].start()  # a restarted replica loads production by itself
+    assert serves(client, replicas[1].url, versions) == "1"
+
+    second = deploy(CUSTOMER, "2", fleet=client)
+    assert second.previous == "1"
+    assert [serves(client, r.url, versions) for r in replicas] == ["2", "2"]
+    assert registry.get_aliases(CUSTOMER) | {} == {
+        "candidate": "2",
+        "production": "2",
+        "previous": "1",
+    }
+
+    back = rollback(CUSTOMER, fleet=client)
+    assert back.version == "1"
+    assert [serves(client, r.url, versions) for r in replicas] == ["1", "1"]
+    assert registry.get_aliases(CUSTOMER)[names.PRODUCTION] == "1"
+    assert registry.get_aliases(CUSTOMER)[names.PREVIOUS] == "2"
+
+
+def test_two_deploys_of_one_customer_never_overlap(
+    versions: dict[str, str], fleet: tuple[Fleet, list[ReplicaProcess]]
+) -> None:
+    client, _ = fleet
+    with (
+        client.db.deploy_lock(CUSTOMER, "someone else"),
+        pytest.raises(DeployInProgress, match="already running \\(someone else\\)"),
+    ):
+        deploy(CUSTOMER, "2", fleet=client)
+    with client.db.deploy_lock("other-customer", "parallel deploy"):
+        assert deploy(CUSTOMER, "2", fleet=client).version == "2"  # other customers don't block
