@@ -302,22 +302,28 @@ def serve(
     bootstrap: Annotated[
         bool, typer.Option(help="Load every production adapter from MLflow at start.")
     ] = True,
+    api_keys: Annotated[
+        Path | None,
+        typer.Option(help='JSON file {"<key>": {"customer": ID, "allow_base": bool}}.'),
+    ] = None,
 ) -> None:
     """Run a serving replica: the base model plus adapters, OpenAI-compatible API."""
     import uvicorn
 
+    from lora_ops.serving.access import load_api_keys
     from lora_ops.serving.app import create_app
     from lora_ops.serving.engine import Engine
     from lora_ops.settings import get_settings
 
     token = admin_token or _secret(get_settings().admin_token)
+    grants = load_api_keys(api_keys) if api_keys else None  # checked before the model loads
     engine = Engine(
         base,
         max_adapters=max_adapters,
         max_batch_size=max_batch_size,
         batch_window_s=batch_window_ms / 1000,
     )
-    app_ = create_app(engine, token)
+    app_ = create_app(engine, token, grants)
     if bootstrap:
         app_.state.ready = False
         threading.Thread(target=_bootstrap, args=(app_, engine, base), daemon=True).start()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -29,6 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from lora_ops.errors import InputError
+from lora_ops.serving.access import Access, AccessDenied, KeyGrant
 from lora_ops.serving.engine import AdapterSource, Engine, UnknownModel
 from lora_ops.serving.generation import GenerationResult, SamplingParams
 from lora_ops.serving.schemas import (
@@ -88,8 +88,15 @@ class _EngineCollector(Collector):
         )
 
 
-def create_app(engine: Engine, admin_token: str | None = None) -> FastAPI:
-    """A FastAPI app serving ``engine``; admin routes need ``Bearer <admin_token>``."""
+def create_app(
+    engine: Engine, admin_token: str | None = None, api_keys: dict[str, KeyGrant] | None = None
+) -> FastAPI:
+    """A FastAPI app serving ``engine``; admin routes need ``Bearer <admin_token>``.
+
+    With ``api_keys`` (sha256(key) -> grant), inference needs a key, and a customer-bound
+    key reaches only that customer's adapter (and ``base`` when allowed).
+    """
+    access = Access(admin_token, api_keys)
     app = FastAPI(title="lora-ops replica", version="1")
     registry = CollectorRegistry()
     registry.register(_EngineCollector(engine))
@@ -124,13 +131,9 @@ def create_app(engine: Engine, admin_token: str | None = None) -> FastAPI:
     async def input_error(_: Request, exc: InputError) -> JSONResponse:
         return openai_error(400, str(exc), "invalid_request_error", param=exc.field)
 
-    def check_admin(request: Request) -> JSONResponse | None:
-        header = request.headers.get("authorization", "")
-        if not header.startswith("Bearer "):
-            return openai_error(401, "an admin bearer token is required", "authentication_error")
-        if admin_token is None or not secrets.compare_digest(header[7:], admin_token):
-            return openai_error(403, "the admin token is not valid", "permission_error")
-        return None
+    @app.exception_handler(AccessDenied)
+    async def denied(_: Request, exc: AccessDenied) -> JSONResponse:
+        return openai_error(exc.status, exc.message, exc.kind)
 
     app.state.ready = True
 
@@ -142,7 +145,8 @@ def create_app(engine: Engine, admin_token: str | None = None) -> FastAPI:
         return {"status": "ok", "base": engine.base}
 
     @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
+    async def list_models(request: Request) -> dict[str, Any]:
+        grant = access.grant(request.headers.get("authorization"))
         # vLLM's shape: an adapter's root is where it was loaded from, its parent the base.
         now = int(time.time())
         data = [
@@ -155,7 +159,11 @@ def create_app(engine: Engine, admin_token: str | None = None) -> FastAPI:
                 "parent": None,
             }
         ]
+        if grant is not None and not grant.allow_base:
+            data = []
         for name in engine.models()[1:]:
+            if grant is not None and not grant.allows(name):
+                continue
             data.append(
                 {
                     "id": name,
@@ -169,27 +177,29 @@ def create_app(engine: Engine, admin_token: str | None = None) -> FastAPI:
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest) -> Response | dict[str, Any]:
+    async def completions(body: CompletionRequest, request: Request) -> Response | dict[str, Any]:
+        access.require_model(request.headers.get("authorization"), body.model)
         ids = engine.encode_text(body.prompt)
         return await _respond(engine, body, ids, chat=False)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest) -> Response | dict[str, Any]:
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request
+    ) -> Response | dict[str, Any]:
+        access.require_model(request.headers.get("authorization"), body.model)
         ids = engine.encode_chat([m.model_dump() for m in body.messages])
         return await _respond(engine, body, ids, chat=True)
 
     @app.post("/v1/load_lora_adapter", response_model=None)
     async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> Response:
-        if (denied := check_admin(request)) is not None:
-            return denied
+        access.require_admin(request.headers.get("authorization"))
         source = AdapterSource(body.lora_path, body.sha256)
         await asyncio.to_thread(engine.load_adapter, body.lora_name, source)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter", response_model=None)
     async def unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request) -> Response:
-        if (denied := check_admin(request)) is not None:
-            return denied
+        access.require_admin(request.headers.get("authorization"))
         await asyncio.to_thread(engine.unload_adapter, body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
