@@ -182,3 +182,53 @@ def test_two_deploys_of_one_customer_never_overlap(
         deploy(CUSTOMER, "2", fleet=client)
     with client.db.deploy_lock("other-customer", "parallel deploy"):
         assert deploy(CUSTOMER, "2", fleet=client).version == "2"  # other customers don't block
+
+
+def test_retrain_with_auto_deploy_ends_in_production(
+    versions: dict[str, str], fleet: tuple[Fleet, list[ReplicaProcess]], tmp_path: Path
+) -> None:
+    from flows.retrain import retrain
+
+    client, replicas = fleet
+    data = tmp_path / "v3.jsonl"
+    data.write_text("".join(SAMPLE.read_text().splitlines(keepends=True)[80:120]))
+    config = TrainConfig(
+        lora=LoraSpec(r=8, alpha=16),
+        learning_rate=1e-2,
+        max_steps=4,
+        batch_size=4,
+        max_seq_len=256,
+        eval_fraction=0.2,
+    )
+    result = retrain(
+        customer=CUSTOMER,
+        data_uri=str(data),
+        base="tiny-llama",
+        config=config,
+        min_improvement=0.0,
+        production_tolerance=0.99,
+        auto_deploy=True,
+    )
+    assert result["deployed"]["version"] == result["version"] == "3"
+    assert Registry().get_aliases(CUSTOMER)[names.PRODUCTION] == "3"
+    for replica in replicas:
+        assert client.served_from(replica.url)[CUSTOMER].endswith("/3")
+
+
+def test_fleet_cli_lists_replicas_with_health(fleet: tuple[Fleet, list[ReplicaProcess]]) -> None:
+    from typer.testing import CliRunner
+
+    from lora_ops.cli import app
+
+    _, replicas = fleet
+    runner = CliRunner()
+    listing = runner.invoke(app, ["fleet", "list"])
+    assert listing.exit_code == 0, listing.output
+    assert listing.output.count("healthy") == 2
+    bad = runner.invoke(app, ["fleet", "add", "ftp://nope"])
+    assert "is not an http(s)://host:port URL" in str(bad.exception)
+    extra = f"http://127.0.0.1:{free_port()}"
+    assert runner.invoke(app, ["fleet", "add", extra]).exit_code == 0
+    assert "Connection refused" in runner.invoke(app, ["fleet", "list"]).output
+    assert runner.invoke(app, ["fleet", "remove", extra]).exit_code == 0
+    assert extra not in Fleet(Database()).urls()
