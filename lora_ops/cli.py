@@ -355,12 +355,15 @@ app.add_typer(fleet_app, name="fleet")
 
 @fleet_app.command("add")
 def fleet_add(
-    url: Annotated[str, typer.Argument(help="Replica base URL, http://host:port.")],
+    urls: Annotated[list[str], typer.Argument(help="Replica base URLs, http://host:port.")],
 ) -> None:
-    """Register a replica."""
-    from lora_ops.fleet import Fleet
+    """Register one or more replicas (already registered ones are kept as they are)."""
+    from lora_ops.fleet import Fleet, check_url
 
-    out.print(f"added {Fleet().add(url)}")
+    checked = [check_url(url) for url in urls]  # all checked before any is added
+    fleet = Fleet()
+    for url in checked:
+        out.print(f"added {fleet.add(url)}")
 
 
 @fleet_app.command("remove")

@@ -1,0 +1,4 @@
+-- One Postgres server, one database per service.
+CREATE DATABASE mlflow;
+CREATE DATABASE prefect;
+CREATE DATABASE lora_ops;
