@@ -1,0 +1,1 @@
+"""Alembic migrations of the service database; lora_ops.db applies them when it opens one."""
