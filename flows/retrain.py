@@ -1,19 +1,25 @@
-"""The per-customer flow: prep -> train -> evaluate -> register (-> deploy)."""
+"""The per-customer flow: check, prep, train, evaluate, register (, review, deploy)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.client.schemas.objects import State
+from prefect.states import Completed
 from pydantic import Field
 
 from flows import tasks
 from flows.deploy import deploy_adapter
-from lora_ops import names, pipeline
+from flows.review import await_review
+from flows.training import train_where_configured
+from lora_ops import names
 from lora_ops.config import TrainConfig
 
+RETRAIN_FLOW = "retrain"
 
-@flow(name="retrain", log_prints=False)
+
+@flow(name=RETRAIN_FLOW, log_prints=False)
 def retrain(
     customer: str,
     data_uri: str,
@@ -22,33 +28,53 @@ def retrain(
     min_improvement: float = Field(0.05, ge=0, lt=1),
     production_tolerance: float = Field(0.02, ge=0, lt=1),
     auto_deploy: bool = False,
-) -> dict[str, Any]:
-    """Train, evaluate and register one customer's LoRA adapter."""
+    require_review: bool = False,
+    review_timeout_hours: float = Field(72.0, gt=0, le=24 * 30),
+) -> State[dict[str, Any]]:
+    """Train, evaluate and register one customer's LoRA adapter; deploy it when asked."""
     logger = get_run_logger()
     names.check_customer(customer)
-    dataset = tasks.prep(customer, data_uri, base, config.max_seq_len, config.eval_fraction)
-    key, _ = pipeline.run_key(dataset, config)
+    dataset_sha256, key = tasks.check_data(customer, data_uri, base, config)
     existing = tasks.find_registered_version(customer, key)
     if existing is not None:
-        logger.info("version %s already holds this base, data and config: nothing new", existing)
-        return {
+        message = (
+            f"no new data: version {existing} of adapter-{customer} already holds this data "
+            f"({dataset_sha256[:12]}), base and config"
+        )
+        logger.info(message)
+        result = {
             "customer": customer,
+            "status": "no new data",
             "version": existing,
             "new_version": False,
-            "dataset_sha256": dataset.sha256,
+            "dataset_sha256": dataset_sha256,
         }
-    trained = tasks.train(dataset, config)
+        return Completed(message=message, data=result, name="No new data")
+    dataset = tasks.prep(customer, data_uri, base, config.max_seq_len, config.eval_fraction)
+    trained = train_where_configured(dataset, config)
     outcome = tasks.evaluate(dataset, trained, min_improvement, production_tolerance)
     version = tasks.register(dataset, trained, outcome, config)
-    deployed = None
-    if auto_deploy:
-        deployed = deploy_adapter(customer=customer, version=version, triggered_by="retrain")
-    return {
+    result = {
         "customer": customer,
+        "status": "registered",
         "version": version,
         "new_version": True,
         "run_id": trained.run_id,
         "dataset_sha256": dataset.sha256,
         "gate": outcome.figures(),
-        "deployed": deployed,
+        "deployed": None,
     }
+    message = f"registered adapter-{customer} version {version} ({outcome.gate.reason})"
+    if not auto_deploy:
+        if require_review:  # `lora-ops deploy` refuses it until a reviewer approves
+            tasks.mark_for_review(customer, version)
+        return Completed(message=message, data=result)
+    if require_review and not await_review(customer, version, review_timeout_hours * 3600):
+        result["status"] = "rejected"
+        message = f"adapter-{customer} version {version} was rejected in review: not deployed"
+        logger.info(message)
+        return Completed(message=message, data=result, name="Rejected")
+    result["deployed"] = deploy_adapter(customer=customer, version=version, triggered_by="retrain")
+    result["status"] = "deployed"
+    message = f"adapter-{customer} version {version} registered and deployed to the fleet"
+    return Completed(message=message, data=result, name="Deployed")

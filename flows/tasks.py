@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
-from lora_ops import pipeline
+from lora_ops import pipeline, review
 from lora_ops.config import TrainConfig
 from lora_ops.errors import InputError
 
@@ -33,6 +33,17 @@ def prep(
 ) -> pipeline.DatasetRef:
     """Check and tokenize the customer's data; store it in S3 by content hash."""
     return pipeline.prep_step(customer, data_uri, base, max_seq_len, eval_fraction)
+
+
+@task(
+    name="check-data",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_unless_bad_input,
+)
+def check_data(customer: str, data_uri: str, base: str, config: TrainConfig) -> tuple[str, str]:
+    """Read and check the data; its sha256 and the run's idempotency key (no tokenizing)."""
+    return pipeline.data_fingerprint(customer, data_uri, base, config)
 
 
 @task(name="find-registered-version", retries=2, retry_delay_seconds=[2, 10])
@@ -84,3 +95,9 @@ def register(
 ) -> str:
     """Register the adapter as a new MLflow model version with alias 'candidate'."""
     return pipeline.register_step(dataset, trained, outcome, config)
+
+
+@task(name="mark-for-review", retries=2, retry_delay_seconds=[2, 10])
+def mark_for_review(customer: str, version: str) -> None:
+    """Tag the version as waiting for a reviewer's decision."""
+    review.request_review(customer, version)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from mlflow.entities.model_registry import ModelVersion
 
-from lora_ops import names
+from lora_ops import customers, names, review
 from lora_ops.db import Database, Deployment, utcnow
 from lora_ops.errors import InputError, LoraOpsError
 from lora_ops.fleet import Fleet, ReplicaError
@@ -71,6 +71,8 @@ def deploy(
     registry = registry or Registry()
     fleet = fleet or Fleet()
     target = resolve_version(registry, customer, version, alias)
+    if triggered_by != "rollback":  # going back to what served before needs no new review
+        _check_review(fleet.db, customer, target)
     current = registry.get_version_by_alias(customer, names.PRODUCTION)
     replicas = fleet.urls()
     if not replicas:
@@ -105,6 +107,23 @@ def rollback(
         raise InputError(f"adapter-{customer} has no 'previous' version to roll back to")
     return deploy(
         customer, str(previous.version), triggered_by="rollback", registry=registry, fleet=fleet
+    )
+
+
+def _check_review(db: Database, customer: str, version: ModelVersion) -> None:
+    """Refuse a version a reviewer has not approved, for customers that require review."""
+    record = customers.find(customer, db=db)
+    if record is None or not record.require_review:
+        return
+    decision = review.decision_of(version.tags)
+    if decision is True:
+        return
+    why = "was rejected in review" if decision is False else "needs a reviewer's approval"
+    raise InputError(
+        f"adapter-{customer} version {version.version} {why}: approve it in the MLflow UI "
+        f"(version tag approved=true) or with `lora-ops approve --customer {customer} "
+        f"--version {version.version}`",
+        field="version",
     )
 
 

@@ -101,12 +101,21 @@ class Fleet:
 
     def smoke(self, url: str, name: str) -> str:
         """The replica's greedy answer to the smoke prompt through adapter ``name``."""
-        body = {
-            "model": name,
-            "messages": SMOKE_MESSAGES,
-            "max_tokens": SMOKE_MAX_TOKENS,
-            "temperature": 0,
-        }
+        return self._complete(url, name, SMOKE_MESSAGES, SMOKE_MAX_TOKENS)
+
+    def chat(
+        self, url: str, model: str, prompt: str, system: str | None = None, max_tokens: int = 64
+    ) -> str:
+        """The replica's greedy answer to one user message, through ``model``."""
+        system_turn = [{"role": "system", "content": system}] if system else []
+        return self._complete(
+            url, model, [*system_turn, {"role": "user", "content": prompt}], max_tokens
+        )
+
+    def _complete(
+        self, url: str, model: str, messages: list[dict[str, str]], max_tokens: int
+    ) -> str:
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
         response = self._call("POST", url, "/v1/chat/completions", json=body)
         return str(response.json()["choices"][0]["message"]["content"])
 

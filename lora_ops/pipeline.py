@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 PROMPTS_FILE = "prompts.json"
 TRAINING_DONE_TAG = "lora_ops.training"
+TRAINING_STEPS_TAG = "lora_ops.training_steps"
 SAMPLE_PROMPTS = 4
 
 
@@ -127,6 +128,26 @@ def _sample_prompts(path: Path, eval_fraction: float) -> list[dict[str, Any]]:
     ]
 
 
+def data_fingerprint(
+    customer: str,
+    data_uri: str,
+    base: str,
+    config: TrainConfig,
+    settings: Settings | None = None,
+) -> tuple[str, str]:
+    """(dataset sha256, idempotency key) of the customer's data as it is now.
+
+    Reads and checks the data but does not tokenize or upload it, so a scheduled run can
+    find out quickly whether anything changed since the last registered version.
+    """
+    names.check_customer(customer)
+    _, storage, _ = _services(settings)
+    base_sha = base_models.base_sha256(base_models.resolve_base(base))
+    with tempfile.TemporaryDirectory() as work:
+        sha256 = data.dataset_sha256(fetch_data(data_uri, Path(work), storage))
+    return sha256, idempotency_key(base_sha, sha256, config)
+
+
 def run_key(dataset: DatasetRef, config: TrainConfig) -> tuple[str, str]:
     """(idempotency key, base sha256) of training ``dataset`` with ``config``."""
     base_sha = base_models.base_sha256(base_models.resolve_base(dataset.base))
@@ -168,9 +189,30 @@ def train_step(
     result = _train_with_checkpoints(
         dataset, config, key, run_id, settings, storage, registry, progress
     )
+    registry.set_tag(run_id, TRAINING_STEPS_TAG, str(result))
     registry.set_tag(run_id, TRAINING_DONE_TAG, "done")
     registry.end_run(run_id, "FINISHED")
     return TrainedRef(run_id, key, base_sha, result, reused=False)
+
+
+def finished_training(
+    dataset: DatasetRef, config: TrainConfig, settings: Settings | None = None
+) -> TrainedRef:
+    """The finished training run for ``dataset`` and ``config``, as another worker left it.
+
+    Raises:
+        LoraOpsError: no run with this key finished training.
+    """
+    _, _, registry = _services(settings)
+    key, base_sha = run_key(dataset, config)
+    run = registry.find_run(dataset.customer, key)
+    if run is None or run.data.tags.get(TRAINING_DONE_TAG) != "done":
+        raise LoraOpsError(
+            f"no finished training run of {dataset.customer} for dataset {dataset.sha256[:12]} "
+            f"and this config (idempotency key {key[:12]})"
+        )
+    steps = int(run.data.tags.get(TRAINING_STEPS_TAG, "0"))
+    return TrainedRef(run.info.run_id, key, base_sha, steps, reused=False)
 
 
 def _run_params(dataset: DatasetRef, config: TrainConfig, base_sha: str) -> dict[str, Any]:

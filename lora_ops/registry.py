@@ -410,6 +410,22 @@ class Registry:
         """One version of ``adapter-<customer>`` (MLflow raises when it does not exist)."""
         return self.client.get_model_version(names.registered_model_name(customer), str(version))
 
+    def has_version(self, customer: str, version: str | int) -> bool:
+        """Whether ``adapter-<customer>`` has version ``version``."""
+        try:
+            self.get_version(customer, version)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return True
+
+    def set_version_tags(self, customer: str, version: str | int, tags: Mapping[str, str]) -> None:
+        """Set tags on one version of ``adapter-<customer>`` (review decisions, notes)."""
+        name = names.registered_model_name(customer)
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, str(version), key, value)
+
     def latest_versions(self, customer: str, n: int = 5) -> list[ModelVersion]:
         """The ``n`` newest versions, newest first (empty when nothing is registered)."""
         name = names.registered_model_name(customer)

@@ -45,6 +45,13 @@ class Settings(BaseSettings):
     s3_port: int = Field(9000, ge=1, le=65535)
     mlflow_port: int = Field(5000, ge=1, le=65535)
     prefect_port: int = Field(4200, ge=1, le=65535)
+    worker_port: int = Field(
+        4210, ge=1, le=65535, description="Health endpoint of the stack's Prefect worker."
+    )
+    replica_port: int = Field(8000, ge=1, le=65535, description="The stack's serving replica.")
+    replica_base: str = Field(
+        "smollm2-135m-instruct", description="Base model of the stack's serving replica."
+    )
     s3_endpoint_url: str = Field(
         "",
         validation_alias=_env(
@@ -64,6 +71,20 @@ class Settings(BaseSettings):
     )
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for a replica's adapter load/unload endpoints."
+    )
+    work_pool: str = Field(
+        "lora-ops", description="Prefect work pool the retrain/<customer> deployments run on."
+    )
+    training_work_pool: str = Field(
+        "",
+        description="Work pool of the train-adapter deployment (GPU workers); empty: train "
+        "inside the retrain flow run.",
+    )
+    review_sweep_seconds: int = Field(
+        60, ge=5, le=86400, description="How often review-sweep resumes reviewed runs."
+    )
+    review_poll_seconds: int = Field(
+        10, ge=1, le=3600, description="How often a run paused for review checks for its resume."
     )
     prefect_api_url: str | None = Field(
         None,

@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -50,15 +51,25 @@ from lora_ops.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 STATE_FILE = "stack.json"
-SERVICES = ("s3", "mlflow", "prefect")  # started in this order, stopped in reverse
+SERVICES = ("s3", "mlflow", "prefect")  # the servers, always; started in this order
+# Optional parts that run lora-ops itself against the servers: a Prefect worker for the
+# scheduled and triggered runs, and one serving replica registered as the fleet.
+CLIENT_PARTS = ("worker", "replica")
+PARTS = (*SERVICES, *CLIENT_PARTS)  # stopped in reverse
 PORT_VARIABLES = {
     "s3": "LORA_OPS_S3_PORT",
     "mlflow": "LORA_OPS_MLFLOW_PORT",
     "prefect": "LORA_OPS_PREFECT_PORT",
+    "worker": "LORA_OPS_WORKER_PORT",
+    "replica": "LORA_OPS_REPLICA_PORT",
 }
-HEALTH_PATHS = {"s3": "/", "mlflow": "/health", "prefect": "/health"}  # prefect's url ends in /api
-# Generous: on a busy 2-core machine a new MLflow database alone can take 20 s.
-START_TIMEOUT_S = {"s3": 15.0, "mlflow": 60.0, "prefect": 90.0}
+# prefect's url ends in /api; the worker's health server is Prefect's own --with-healthcheck
+HEALTH_PATHS = {"s3": "/", "mlflow": "/health", "prefect": "/health"}
+HEALTH_PATHS |= {"worker": "/health", "replica": "/health"}
+# Generous: on a busy 2-core machine a new MLflow database alone can take 20 s, and a
+# replica loads its base model and then every production adapter before it answers.
+START_TIMEOUT_S = {"s3": 15.0, "mlflow": 60.0, "prefect": 90.0, "worker": 90.0, "replica": 300.0}
+ADMIN_TOKEN_FILE = "admin-token"
 UNHEALTHY_GRACE_S = 5.0  # a part of ours that stays unhealthy this long is restarted by `up`
 STOP_SIGNALS = ((signal.SIGINT, 10.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0))
 # Variables that point clients elsewhere or carry credentials: each server gets only its own.
@@ -117,11 +128,16 @@ class StackState:
 # -- the public verbs ---------------------------------------------------------------------
 
 
-def up(settings: Settings | None = None) -> StackState:
+def up(
+    settings: Settings | None = None, *, worker: bool = False, replica: bool = False
+) -> StackState:
     """Start every part that is not already running and healthy; idempotent.
 
     Args:
         settings: Ports, bucket, keys and state folder (default: from the environment).
+        worker: Also run a Prefect worker on ``settings.work_pool`` (``lora-ops worker``).
+        replica: Also run a serving replica of ``settings.replica_base`` and add it to the
+            fleet (``lora-ops serve``); its admin token is the stack's (``stack env``).
 
     Returns:
         The state of all parts and the names of those this call started.
@@ -137,13 +153,16 @@ def up(settings: Settings | None = None) -> StackState:
     started: list[str] = []
     with _locked(state):
         records = _read_records(state)
-        _check_ports(settings, records)
+        wanted = [*SERVICES, *(["worker"] if worker else []), *(["replica"] if replica else [])]
+        _check_ports(settings, records, wanted)
         try:
-            for name in SERVICES:
+            for name in wanted:
                 if _ensure_running(name, settings, state, records):
                     started.append(name)
                 if name == "s3":
                     _create_bucket(settings, _url(name, settings))
+                if name == "replica":
+                    _join_fleet(settings, _url(name, settings))
         except BaseException:
             for name in reversed(started):
                 _stop(records.pop(name))
@@ -165,8 +184,10 @@ def down(settings: Settings | None = None) -> list[str]:
     stopped = []
     with _locked(state):
         records = _read_records(state)
-        for name in reversed(SERVICES):
+        for name in reversed(PARTS):
             record = records.pop(name, None)
+            if record is not None and name == "replica":
+                _leave_fleet(settings, str(record["url"]))
             if record is not None and _stop(record):
                 stopped.append(name)
                 log.info("stopped %s (pid %s)", name, record["pid"])
@@ -178,7 +199,8 @@ def status(settings: Settings | None = None) -> list[ServiceStatus]:
     """Each part: is the process ``up`` started alive, does it answer its health check."""
     settings = settings or get_settings()
     records = _read_records(_state_dir(settings))
-    return [_service_status(name, records.get(name), settings) for name in SERVICES]
+    shown = [name for name in PARTS if name in SERVICES or name in records]
+    return [_service_status(name, records.get(name), settings) for name in shown]
 
 
 def service_env(settings: Settings | None = None) -> dict[str, str]:
@@ -188,7 +210,9 @@ def service_env(settings: Settings | None = None) -> dict[str, str]:
     running stack was started on. The S3 keys are the loopback server's dev keys.
     """
     settings = settings or get_settings()
-    ports = _ports(settings, _read_records(_state_dir(settings)))
+    state = _state_dir(settings)
+    ports = _ports(settings, _read_records(state))
+    token = _stored_admin_token(settings, state)
     return {
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['mlflow']}",
         "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}",
@@ -201,6 +225,7 @@ def service_env(settings: Settings | None = None) -> dict[str, str]:
         "LORA_OPS_STATE_DIR": str(_state_dir(settings)),
         "LORA_OPS_BUCKET": settings.bucket,
         **{PORT_VARIABLES[name]: str(port) for name, port in ports.items()},
+        **({"LORA_OPS_ADMIN_TOKEN": token} if token else {}),
     }
 
 
@@ -214,7 +239,8 @@ def service_env_if_up(settings: Settings | None = None) -> dict[str, str]:
     settings = settings or get_settings()
     if not (_state_dir(settings) / STATE_FILE).is_file():
         return {}
-    return service_env(settings) if all(s.healthy for s in status(settings)) else {}
+    servers = [part for part in status(settings) if part.name in SERVICES]
+    return service_env(settings) if all(part.healthy for part in servers) else {}
 
 
 # -- starting -----------------------------------------------------------------------------
@@ -300,7 +326,21 @@ def _command(name: str, settings: Settings, state: Path) -> list[str]:
             *("--backend-store-uri", f"sqlite:///{state}/mlflow/mlflow.db"),
             *("--artifacts-destination", f"s3://{settings.bucket}/mlflow", "--serve-artifacts"),
         ]
-    return [*_python_tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", port]
+    if name == "prefect":
+        return [*_python_tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", port]
+    lora_ops = [sys.executable, "-m", "lora_ops"]  # this installation, whatever PATH says
+    if name == "worker":
+        return [*lora_ops, "worker", "--pool", settings.work_pool, "--healthcheck-port", port]
+    return [
+        *lora_ops,
+        "serve",
+        "--base",
+        settings.replica_base,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        port,
+    ]
 
 
 def _child_env(name: str, settings: Settings, state: Path) -> dict[str, str]:
@@ -320,9 +360,46 @@ def _child_env(name: str, settings: Settings, state: Path) -> dict[str, str]:
             AWS_RESPONSE_CHECKSUM_VALIDATION="when_required",
             AWS_REQUEST_CHECKSUM_CALCULATION="when_required",
         )
-    else:
+    elif name == "prefect":
         env.update(PREFECT_HOME=str(state / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    else:  # a client of the servers, as a shell after `eval "$(lora-ops stack env)"` is
+        env.update(service_env(settings))
+        env["LORA_OPS_ADMIN_TOKEN"] = _admin_token(settings, state)
+        env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "5")  # Prefect's 10 s feels stuck here
     return env
+
+
+def _admin_token(settings: Settings, state: Path) -> str:
+    """The replicas' admin token: the configured one, else one made for this state folder."""
+    token = _stored_admin_token(settings, state)
+    if token is not None:
+        return token
+    state.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state / ADMIN_TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:  # created 0600: never readable by other users
+        handle.write(secrets.token_urlsafe(32))
+    return _admin_token(settings, state)
+
+
+def _stored_admin_token(settings: Settings, state: Path) -> str | None:
+    if settings.admin_token is not None:
+        return settings.admin_token.get_secret_value()
+    path = state / ADMIN_TOKEN_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _join_fleet(settings: Settings, url: str) -> None:
+    from lora_ops.db import Database  # the replicas' table, in the service database
+    from lora_ops.fleet import Fleet
+
+    Fleet(Database(settings.database_url)).add(url)
+
+
+def _leave_fleet(settings: Settings, url: str) -> None:
+    from lora_ops.db import Database
+    from lora_ops.fleet import Fleet
+
+    Fleet(Database(settings.database_url)).remove(url)
 
 
 def _rclone_auth_key(settings: Settings) -> str:
@@ -367,11 +444,11 @@ def _start_failure(
 # -- ports, programs, health ---------------------------------------------------------------
 
 
-def _check_ports(settings: Settings, records: dict[str, Record]) -> None:
+def _check_ports(settings: Settings, records: dict[str, Record], wanted: list[str]) -> None:
     """Before anything starts: distinct ports, and each free unless our part holds it."""
-    ports = {name: _port(name, settings) for name in SERVICES}
+    ports = {name: _port(name, settings) for name in wanted}
     if len(set(ports.values())) < len(ports):
-        raise StackError(f"the stack's parts need three different ports, got {ports}")
+        raise StackError(f"the stack's parts need different ports, got {ports}")
     for name, port in ports.items():
         record = records.get(name)
         # Our part, or children a dead part left behind, may hold it: `_ensure_running` sorts
@@ -546,8 +623,14 @@ def _state_dir(settings: Settings) -> Path:
 
 
 def _port(name: str, settings: Settings) -> int:
-    ports = {"s3": settings.s3_port, "mlflow": settings.mlflow_port}
-    return ports.get(name, settings.prefect_port)
+    ports = {
+        "s3": settings.s3_port,
+        "mlflow": settings.mlflow_port,
+        "prefect": settings.prefect_port,
+        "worker": settings.worker_port,
+        "replica": settings.replica_port,
+    }
+    return ports[name]
 
 
 def _url(name: str, settings: Settings) -> str:
@@ -591,7 +674,7 @@ def _read_records(state: Path) -> dict[str, Record]:
     return {
         name: record
         for name, record in raw.items()
-        if name in SERVICES and isinstance(record, dict) and "pid" in record and "port" in record
+        if name in PARTS and isinstance(record, dict) and "pid" in record and "port" in record
     }
 
 

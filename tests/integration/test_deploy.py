@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from lora_ops import names
@@ -23,52 +18,12 @@ from lora_ops.lora import LoraSpec
 from lora_ops.registry import Registry
 from lora_ops.smoke import SMOKE_OUTPUT_TAG
 from tests.integration.conftest import free_port
+from tests.integration.processes import ReplicaProcess
 
 pytestmark = pytest.mark.integration
 SAMPLE = Path(__file__).parents[2] / "examples" / "acme-support.jsonl"
 TOKEN = "fleet-admin-token-for-tests"
 CUSTOMER = "deploy-co"
-
-
-class ReplicaProcess:
-    def __init__(self, port: int, log: Path) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "LORA_OPS_ADMIN_TOKEN": TOKEN}
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from lora_ops.cli import main; main()",
-                "serve",
-                "--base",
-                "tiny-llama",
-                "--port",
-                str(self.port),
-            ],
-            env=env,
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(self.url + "/health").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert self.process.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, "replica did not become ready"
-            time.sleep(0.2)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +65,7 @@ def fleet(
 ) -> Iterator[tuple[Fleet, list[ReplicaProcess]]]:
     os.environ["LORA_OPS_ADMIN_TOKEN"] = TOKEN
     logs = tmp_path_factory.mktemp("replicas")
-    replicas = [ReplicaProcess(free_port(), logs / f"r{i}.log") for i in range(2)]
+    replicas = [ReplicaProcess(free_port(), logs / f"r{i}.log", TOKEN) for i in range(2)]
     try:
         for replica in replicas:
             replica.start()
@@ -121,6 +76,7 @@ def fleet(
     finally:
         for replica in replicas:
             replica.kill()
+            Fleet(Database(), admin_token=TOKEN).remove(replica.url)  # the next module's fleet
         os.environ.pop("LORA_OPS_ADMIN_TOKEN", None)
 
 

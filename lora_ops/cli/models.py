@@ -1,0 +1,162 @@
+"""Commands that need no servers: the base catalogue, data checks, local training, merging."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from lora_ops.cli.common import (
+    ALPHA,
+    BATCH_SIZE,
+    CHECKPOINT_EVERY,
+    DEFAULT_TARGETS,
+    DROPOUT,
+    EPOCHS,
+    GRAD_ACCUM,
+    LR,
+    MAX_SEQ_LEN,
+    MAX_STEPS,
+    RANK,
+    RSLORA,
+    SEED,
+    TARGETS,
+    BaseOption,
+    out,
+    train_config,
+    training_overrides,
+)
+from lora_ops.errors import InputError
+
+base_app = typer.Typer(help="The catalogue of base models.", no_args_is_help=True)
+data_app = typer.Typer(help="Check customer data files.", no_args_is_help=True)
+
+
+@base_app.command("list")
+def base_list() -> None:
+    """List catalogue models, their size and whether they are materialised."""
+    from lora_ops import base_models
+
+    table = Table("name", "parameters", "materialised", "size", "description")
+    for row in base_models.list_bases():
+        size = f"{row['size_bytes'] / 1e6:.1f} MB" if row["size_bytes"] else "-"
+        table.add_row(
+            row["name"],
+            row["parameters"],
+            "yes" if row["materialised"] else "no",
+            size,
+            row["description"],
+        )
+    out.print(table)
+
+
+@base_app.command("import")
+def base_import(name: Annotated[str, typer.Argument(help="Catalogue name.")]) -> None:
+    """Materialise a catalogue model (once) and print its folder as the last line."""
+    from lora_ops import base_models
+
+    folder = base_models.import_base(name)
+    out.print(f"sha256 {base_models.base_sha256(folder)}")
+    print(folder)  # noqa: T201 - plain, unwrapped: scripts read this line
+
+
+@data_app.command("validate")
+def data_validate(
+    file: Annotated[Path, typer.Argument(help="JSONL file of chat examples.")],
+    base: Annotated[
+        str | None, typer.Option("--base", help="Also count tokens with this base's template.")
+    ] = None,
+    max_seq_len: Annotated[int, typer.Option(min=16, help="Longest example in tokens.")] = 512,
+    min_examples: Annotated[int, typer.Option(min=1, help="Fewest examples accepted.")] = 10,
+) -> None:
+    """Report on a data file, or list every problem as FILE:LINE: reason and exit 1."""
+    from lora_ops import base_models, data
+
+    tokenizer = base_models.load_tokenizer(base) if base else None
+    report = data.validate_file(file, tokenizer, max_seq_len=max_seq_len, min_examples=min_examples)
+    if not report.ok:
+        for problem in report.problems:
+            typer.echo(str(problem), err=True)  # one unwrapped line each: editors jump to it
+        typer.echo(f"{len(report.problems)} problem(s) in {file}", err=True)
+        raise typer.Exit(1)
+    out.print_json(json.dumps(report.summary()))
+
+
+def train(
+    base: BaseOption,
+    data: Annotated[Path, typer.Option("--data", help="JSONL file of chat examples.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Adapter folder to write.")],
+    rank: Annotated[int, RANK] = 8,
+    alpha: Annotated[float, ALPHA] = 16.0,
+    dropout: Annotated[float, DROPOUT] = 0.0,
+    target_modules: Annotated[str, TARGETS] = DEFAULT_TARGETS,
+    rslora: Annotated[bool, RSLORA] = False,
+    lr: Annotated[float, LR] = 2e-4,
+    epochs: Annotated[int, EPOCHS] = 1,
+    max_steps: Annotated[int | None, MAX_STEPS] = None,
+    batch_size: Annotated[int, BATCH_SIZE] = 8,
+    grad_accum: Annotated[int, GRAD_ACCUM] = 1,
+    max_seq_len: Annotated[int, MAX_SEQ_LEN] = 512,
+    seed: Annotated[int, SEED] = 0,
+    checkpoint_every: Annotated[int | None, CHECKPOINT_EVERY] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint.")] = False,
+) -> None:
+    """Train a LoRA adapter locally (no servers) and write it in PEFT's format."""
+    from lora_ops.train import train_from_files
+
+    config = train_config(
+        training_overrides(
+            rank=rank,
+            alpha=alpha,
+            dropout=dropout,
+            target_modules=target_modules,
+            rslora=rslora,
+            lr=lr,
+            epochs=epochs,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            max_seq_len=max_seq_len,
+            seed=seed,
+            checkpoint_every=checkpoint_every,
+        )
+    )
+    result = train_from_files(base, data, config, out_dir, resume=resume)
+    out.print(f"base eval loss    {result.base_eval_loss:.4f}")
+    out.print(f"adapted eval loss {result.eval_loss:.4f}")
+    out.print(f"{result.steps} steps, {result.tokens_per_second:.0f} tokens/s")
+    print(result.adapter_dir)  # noqa: T201 - last line: the adapter folder
+
+
+def merge(
+    base: BaseOption,
+    adapter: Annotated[Path, typer.Option("--adapter", help="PEFT-format adapter folder.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Merged model folder to write.")],
+) -> None:
+    """Merge an adapter into the base and write a plain transformers model folder."""
+    from lora_ops.adapters import merge_to_folder
+
+    print(merge_to_folder(base, adapter, out_dir))  # noqa: T201
+
+
+def generate(
+    base: BaseOption,
+    prompt: Annotated[str, typer.Option("--prompt", help="The user's message.")],
+    adapter: Annotated[Path | None, typer.Option("--adapter", help="Adapter folder.")] = None,
+    system: Annotated[str | None, typer.Option(help="Optional system message.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=4096)] = 64,
+) -> None:
+    """Print the greedy reply to PROMPT, rendered with the base's chat template."""
+    from lora_ops.adapters import load_adapted
+    from lora_ops.evaluate import generate_reply
+
+    if not prompt.strip():
+        raise InputError("must not be empty", field="--prompt")
+    model, tokenizer = load_adapted(base, adapter)
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    print(generate_reply(model, tokenizer, messages, max_new_tokens))  # noqa: T201

@@ -1,0 +1,213 @@
+"""Running the per-customer pipeline, here or on a worker, and reviewing what it registered."""
+
+from __future__ import annotations
+
+import getpass
+from pathlib import Path
+from typing import Annotated, Any, cast
+
+import typer
+
+from lora_ops.cli.common import (
+    ALPHA,
+    BATCH_SIZE,
+    CHECKPOINT_EVERY,
+    DROPOUT,
+    EPOCHS,
+    GRAD_ACCUM,
+    LR,
+    MAX_SEQ_LEN,
+    MAX_STEPS,
+    RANK,
+    RSLORA,
+    SEED,
+    TARGETS,
+    CustomerOption,
+    out,
+    point_at_local_stack,
+    train_config,
+    training_overrides,
+)
+from lora_ops.errors import InputError
+
+pipeline_app = typer.Typer(help="Run the per-customer pipeline.", no_args_is_help=True)
+
+# What a run uses for a customer without a record (a record's fields win, then the options).
+DEFAULTS: dict[str, Any] = {
+    "base": "smollm2-135m-instruct",
+    "config": {"checkpoint_every": 20},
+    "min_improvement": 0.05,
+    "production_tolerance": 0.02,
+    "auto_deploy": False,
+    "require_review": False,
+}
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    customer: CustomerOption,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="JSONL path or s3://bucket/key (default: the record's)."),
+    ] = None,
+    base: Annotated[
+        str | None, typer.Option("--base", help="Base model (default: the record's).")
+    ] = None,
+    rank: Annotated[int | None, RANK] = None,
+    alpha: Annotated[float | None, ALPHA] = None,
+    dropout: Annotated[float | None, DROPOUT] = None,
+    target_modules: Annotated[str | None, TARGETS] = None,
+    rslora: Annotated[bool | None, RSLORA] = None,
+    lr: Annotated[float | None, LR] = None,
+    epochs: Annotated[int | None, EPOCHS] = None,
+    max_steps: Annotated[int | None, MAX_STEPS] = None,
+    batch_size: Annotated[int | None, BATCH_SIZE] = None,
+    grad_accum: Annotated[int | None, GRAD_ACCUM] = None,
+    max_seq_len: Annotated[int | None, MAX_SEQ_LEN] = None,
+    seed: Annotated[int | None, SEED] = None,
+    checkpoint_every: Annotated[int | None, CHECKPOINT_EVERY] = None,
+    min_improvement: Annotated[
+        float | None, typer.Option(min=0, max=0.99, help="Needed relative loss cut over the base.")
+    ] = None,
+    production_tolerance: Annotated[
+        float | None,
+        typer.Option(min=0, max=0.99, help="How much worse than production is allowed."),
+    ] = None,
+    auto_deploy: Annotated[
+        bool | None, typer.Option("--auto-deploy/--no-auto-deploy", help="Deploy when it passes.")
+    ] = None,
+    remote: Annotated[
+        bool,
+        typer.Option(help="Submit to the deployment retrain/<customer> and follow it to the end."),
+    ] = False,
+) -> None:
+    """Run the retrain flow for one customer: prep, train, evaluate, register (, deploy).
+
+    A customer with a record (`lora-ops customers add`) needs no other option: the record
+    gives data, base and training settings, and the options given here override them.
+    """
+    from lora_ops import names
+
+    names.check_customer(customer)
+    point_at_local_stack()
+    overrides = training_overrides(
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        target_modules=target_modules,
+        rslora=rslora,
+        lr=lr,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_seq_len=max_seq_len,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+    )
+    given = {
+        "data_uri": _absolute(data),
+        "base": base,
+        "min_improvement": min_improvement,
+        "production_tolerance": production_tolerance,
+        "auto_deploy": auto_deploy,
+    }
+    parameters = _retrain_parameters(customer, given, overrides)
+    if remote:
+        _run_remote(customer, parameters)
+        return
+    from flows.retrain import retrain
+
+    parameters["config"] = train_config(parameters["config"])
+    _print_result(cast(dict[str, Any], retrain(**parameters)))  # the final state's data
+
+
+def _absolute(data: str | None) -> str | None:
+    """A local path made absolute, so a worker in another folder finds the same file."""
+    if data is None or data.startswith("s3://"):
+        return data
+    return str(Path(data).expanduser().resolve())
+
+
+def _retrain_parameters(
+    customer: str, given: dict[str, Any], overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """The record's parameters (or the defaults), with what was given on top."""
+    from lora_ops import customers
+
+    record = customers.find(customer)
+    parameters = customers.retrain_parameters(record) if record else {**DEFAULTS}
+    parameters["customer"] = customer
+    parameters.update({name: value for name, value in given.items() if value is not None})
+    parameters["config"] = customers.merge_overrides(parameters["config"], overrides)
+    train_config(parameters["config"])  # checked here, before any run is made
+    if not parameters.get("data_uri"):
+        raise InputError(
+            f"{customer} has no customer record with a data URI: give --data, or add the "
+            "customer with `lora-ops customers add`",
+            field="--data",
+        )
+    return parameters
+
+
+def _run_remote(customer: str, parameters: dict[str, Any]) -> None:
+    from flows.deployments import follow_flow_run, submit_retrain
+
+    run = submit_retrain(customer, parameters)
+    out.print(f"flow run {run.name} ({run.id}) submitted to retrain/{customer}")
+    final = follow_flow_run(run.id, lambda line: out.print(line, markup=False, highlight=False))
+    if final.state is None or not final.state.is_completed():
+        raise typer.Exit(1)
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    from lora_ops import registry
+
+    name = f"adapter-{result['customer']}"
+    if not result["new_version"]:
+        out.print(
+            f"no new data: version {result['version']} of {name} already holds this base, "
+            "data and config"
+        )
+        return
+    gate = result["gate"]
+    out.print(
+        f"gate passed: eval loss {gate['candidate_loss']:.4f} vs base "
+        f"{gate['base_loss']:.4f} ({gate['improvement']:.1%} better)"
+    )
+    out.print(f"MLflow run: {registry.Registry().run_url(result['run_id'])}")
+    out.print(f"registered {name} version {result['version']} with alias 'candidate'")
+    if result["status"] == "rejected":
+        out.print(f"{name} version {result['version']} was rejected in review: not deployed")
+    elif result["deployed"]:
+        replicas = len(result["deployed"]["replicas"])
+        out.print(f"deployed {name} version {result['version']} to {replicas} replica(s)")
+
+
+def approve(
+    customer: CustomerOption,
+    version: Annotated[str, typer.Option("--version", help="The version to decide on.")],
+    reject: Annotated[bool, typer.Option(help="Reject it instead: it is never deployed.")] = False,
+    reviewer: Annotated[
+        str | None, typer.Option(help="Who decides (default: your user name).", show_default=False)
+    ] = None,
+) -> None:
+    """Approve (or --reject) a version that waits for review, and resume its waiting run.
+
+    The decision is the version's MLflow tag `approved` (true or false), the same one a
+    reviewer can set in the MLflow UI.
+    """
+    from lora_ops import names, review
+    from lora_ops.settings import get_settings
+
+    names.check_customer(customer)
+    point_at_local_stack()
+    who = reviewer or getpass.getuser()
+    review.record_decision(customer, version, approved=not reject, reviewer=who)
+    verdict = "rejected" if reject else "approved"
+    out.print(f"adapter-{customer} version {version} {verdict} by {who}")
+    if get_settings().prefect_api_url:
+        from flows.review import resume_decided_runs
+
+        for run_id in resume_decided_runs(customer, version):
+            out.print(f"resumed flow run {run_id}")

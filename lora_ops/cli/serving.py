@@ -1,0 +1,180 @@
+"""Serving: run a replica, manage the fleet, deploy and roll back adapters."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from lora_ops.cli.common import BaseOption, out, point_at_local_stack, secret_value
+from lora_ops.errors import InputError
+
+fleet_app = typer.Typer(help="The serving replicas deploys go to.", no_args_is_help=True)
+
+
+def serve(
+    base: BaseOption = "smollm2-135m-instruct",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+    admin_token: Annotated[
+        str | None,
+        typer.Option(
+            help="Bearer token for load/unload (default: LORA_OPS_ADMIN_TOKEN).", show_default=False
+        ),
+    ] = None,
+    max_adapters: Annotated[int, typer.Option(min=1, help="Adapters kept in memory.")] = 8,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Requests per batch.")] = 16,
+    batch_window_ms: Annotated[float, typer.Option(min=0, help="Wait for company, ms.")] = 10.0,
+    bootstrap: Annotated[
+        bool, typer.Option(help="Load every production adapter from MLflow at start.")
+    ] = True,
+    api_keys: Annotated[
+        Path | None,
+        typer.Option(help='JSON file {"<key>": {"customer": ID, "allow_base": bool}}.'),
+    ] = None,
+) -> None:
+    """Run a serving replica: the base model plus adapters, OpenAI-compatible API."""
+    import uvicorn
+
+    from lora_ops.serving.access import load_api_keys
+    from lora_ops.serving.app import create_app
+    from lora_ops.serving.engine import Engine
+    from lora_ops.settings import get_settings
+
+    token = admin_token or secret_value(get_settings().admin_token)
+    grants = load_api_keys(api_keys) if api_keys else None  # checked before the model loads
+    engine = Engine(
+        base,
+        max_adapters=max_adapters,
+        max_batch_size=max_batch_size,
+        batch_window_s=batch_window_ms / 1000,
+    )
+    app_ = create_app(engine, token, grants)
+    if bootstrap:
+        app_.state.ready = False
+        threading.Thread(target=_bootstrap, args=(app_, engine, base), daemon=True).start()
+    try:
+        uvicorn.run(app_, host=host, port=port, log_level="warning")
+    finally:
+        engine.close()
+
+
+def _bootstrap(app_: Any, engine: Any, base: str) -> None:
+    """Load every production adapter for this base from the registry, then report ready."""
+    from lora_ops import base_models
+    from lora_ops.serving.bootstrap import load_production_adapters
+
+    try:
+        load_production_adapters(engine, base_models.base_name(base_models.resolve_base(base)))
+    except Exception:
+        logging.getLogger(__name__).exception("the registry could not be read at start-up")
+    app_.state.ready = True
+
+
+@fleet_app.command("add")
+def fleet_add(
+    urls: Annotated[list[str], typer.Argument(help="Replica base URLs, http://host:port.")],
+) -> None:
+    """Register one or more replicas (already registered ones are kept as they are)."""
+    from lora_ops.fleet import Fleet, check_url
+
+    checked = [check_url(url) for url in urls]  # all checked before any is added
+    fleet = Fleet()
+    for url in checked:
+        out.print(f"added {fleet.add(url)}")
+
+
+@fleet_app.command("remove")
+def fleet_remove(url: Annotated[str, typer.Argument(help="Replica base URL.")]) -> None:
+    """Forget a replica (it keeps running)."""
+    from lora_ops.fleet import Fleet
+
+    if not Fleet().remove(url.rstrip("/")):
+        raise InputError(f"{url} is not in the fleet", field="url")
+    out.print(f"removed {url}")
+
+
+@fleet_app.command("list")
+def fleet_list() -> None:
+    """Replicas with their health and the adapters they serve."""
+    from lora_ops.fleet import Fleet
+
+    fleet = Fleet()
+    table = Table("replica", "health", "models")
+    for url in fleet.urls():
+        health = fleet.health(url)
+        state = "[green]healthy[/]" if health.healthy else f"[red]{health.detail}[/]"
+        table.add_row(url, state, ", ".join(health.models))
+    out.print(table)
+
+
+def deploy(
+    customer: Annotated[str, typer.Option("--customer", help="Customer id.")],
+    version: Annotated[str | None, typer.Option(help="Version number to deploy.")] = None,
+    alias: Annotated[
+        str, typer.Option(help="Alias to deploy when no version is given.")
+    ] = "candidate",
+) -> None:
+    """Load a version on every replica, smoke-test it, then make it production."""
+    from flows.deploy import deploy_adapter
+
+    point_at_local_stack()
+    result = deploy_adapter(customer=customer, version=version, alias=alias)
+    out.print(
+        f"adapter-{customer} version {result['version']} is production on "
+        f"{len(result['replicas'])} replica(s); previous: {result['previous']}"
+    )
+
+
+def rollback(customer: Annotated[str, typer.Option("--customer", help="Customer id.")]) -> None:
+    """Serve the previous production version everywhere again."""
+    from flows.deploy import rollback_adapter
+
+    point_at_local_stack()
+    result = rollback_adapter(customer=customer)
+    out.print(
+        f"adapter-{customer} rolled back to version {result['version']} on "
+        f"{len(result['replicas'])} replica(s)"
+    )
+
+
+def ask(
+    customer: Annotated[
+        str, typer.Option("--customer", help="The adapter to ask (a customer id, or base).")
+    ],
+    prompts: Annotated[
+        list[str], typer.Option("--prompt", help="A user message; repeat for several.")
+    ],
+    system: Annotated[str | None, typer.Option(help="Optional system message.")] = None,
+    replica: Annotated[
+        str | None,
+        typer.Option(help="Replica URL (default: the fleet's first).", show_default=False),
+    ] = None,
+    compare_base: Annotated[
+        bool, typer.Option(help="Also ask the base model, and show the answers side by side.")
+    ] = True,
+    max_tokens: Annotated[int, typer.Option(min=1, max=4096)] = 64,
+) -> None:
+    """Ask a replica through its OpenAI API: the customer's adapter and the base, side by side."""
+    from lora_ops import names
+    from lora_ops.fleet import Fleet, check_url
+
+    if customer != "base":
+        names.check_customer(customer)
+    if not [p for p in prompts if p.strip()]:
+        raise InputError("give at least one non-empty --prompt", field="--prompt")
+    point_at_local_stack()
+    fleet = Fleet()
+    url = check_url(replica) if replica else next(iter(fleet.urls()), None)
+    if url is None:
+        raise InputError("the fleet has no replicas; give --replica URL", field="--replica")
+    models = ["base", customer] if compare_base and customer != "base" else [customer]
+    table = Table("prompt", *models, show_lines=True, title=f"answers from {url}")
+    for prompt in prompts:
+        answers = [fleet.chat(url, model, prompt, system, max_tokens) for model in models]
+        table.add_row(prompt, *answers)
+    out.print(table)
