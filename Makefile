@@ -22,29 +22,32 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 
 install: $(STAMP)
 
-# The local path, no servers: real SmolLM2 base -> LoRA on the sample customer -> merge -> answers.
-DEMO_DIR := runs/demo
+# The whole service on this machine: the embedded stack (S3, MLflow, Prefect, a worker and a
+# serving replica), the sample customer as a record with a schedule, its retrain flow run by
+# the worker on the real SmolLM2 base, deployed to the replica, then asked side by side.
 DEMO_BASE := smollm2-135m-instruct
+DEMO_CUSTOMER := acme
 DEMO_SYSTEM := You are the support assistant of Acme Anvils.
-DEMO_QUESTION := Hi there, how much does the Pro Anvil cost?
 LORA_OPS := $(VENV)/bin/lora-ops
 
 demo: $(STAMP)
-	rm -rf $(DEMO_DIR)
 	$(LORA_OPS) base import $(DEMO_BASE)
+	LORA_OPS_REPLICA_BASE=$(DEMO_BASE) $(LORA_OPS) stack up --worker --replica
 	$(LORA_OPS) data validate examples/acme-support.jsonl --base $(DEMO_BASE)
-	$(LORA_OPS) train --base $(DEMO_BASE) --data examples/acme-support.jsonl \
-		--out $(DEMO_DIR)/adapter --rank 16 --alpha 32 --lr 2e-3 --max-steps 60 \
-		--checkpoint-every 20
-	@echo "--- the base model answers:"
-	@$(LORA_OPS) generate --base $(DEMO_BASE) --system "$(DEMO_SYSTEM)" --prompt "$(DEMO_QUESTION)"
-	@echo "--- with the acme adapter:"
-	@$(LORA_OPS) generate --base $(DEMO_BASE) --adapter $(DEMO_DIR)/adapter \
-		--system "$(DEMO_SYSTEM)" --prompt "$(DEMO_QUESTION)"
-	$(LORA_OPS) merge --base $(DEMO_BASE) --adapter $(DEMO_DIR)/adapter --out $(DEMO_DIR)/merged
-	@echo "--- the merged model (a plain transformers folder) answers:"
-	@$(LORA_OPS) generate --base $(DEMO_DIR)/merged --system "$(DEMO_SYSTEM)" \
-		--prompt "$(DEMO_QUESTION)"
+	$(LORA_OPS) customers add $(DEMO_CUSTOMER) --exist-ok --name "Acme Anvils" \
+		--data examples/acme-support.jsonl --base $(DEMO_BASE) --rank 16 --alpha 32 \
+		--lr 2e-3 --max-steps 60 --checkpoint-every 20 --schedule "0 3 * * *" --auto-deploy
+	$(LORA_OPS) schedule sync
+	$(LORA_OPS) schedule list
+	$(LORA_OPS) pipeline run --customer $(DEMO_CUSTOMER) --remote
+	$(LORA_OPS) customers show $(DEMO_CUSTOMER)
+	$(LORA_OPS) ask --customer $(DEMO_CUSTOMER) --system "$(DEMO_SYSTEM)" \
+		--prompt "Hi there, how much does the Pro Anvil cost?" \
+		--prompt "Can I return an anvil I bought last week?" \
+		--prompt "What is the Anvil Club?"
+	@$(LORA_OPS) stack status
+	@echo "Point a shell at the stack:  eval \"\$$($(LORA_OPS) stack env)\""
+	@echo "Stop it (the data stays in .lora-ops/):  $(LORA_OPS) stack down"
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

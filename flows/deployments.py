@@ -100,9 +100,12 @@ def sync_schedules(
             if deployment.name not in wanted and not deployment.paused:
                 client.pause_deployment(deployment.id)
                 report.paused.append(f"{RETRAIN_FLOW}/{deployment.name}")
+        # Each sweep is a process on the worker: run it only while someone may be waiting.
+        reviewed = any(record.require_review and record.auto_deploy for record in wanted.values())
         sweep = review_sweep.to_deployment(
             name=settings.work_pool,
             schedules=[Interval(settings.review_sweep_seconds)],
+            paused=not reviewed,
             tags=TAGS,
             entrypoint_type=EntrypointType.MODULE_PATH,
         )
@@ -207,12 +210,18 @@ def follow_flow_run(
     """Report a run's state changes and log lines until it reaches a final state."""
     last_state = None
     since: dt.datetime | None = None
+    task_names: dict[UUID, str] = {}
     with get_client(sync_client=True) as client:
         while True:
             run = client.read_flow_run(flow_run_id)
             for entry in _new_logs(client, flow_run_id, since):
                 since = entry.timestamp
-                on_line(f"  {entry.message}")
+                if entry.task_run_id is None:
+                    on_line(f"  {entry.message}")
+                    continue
+                if entry.task_run_id not in task_names:
+                    task_names[entry.task_run_id] = client.read_task_run(entry.task_run_id).name
+                on_line(f"  {task_names[entry.task_run_id]}: {entry.message}")
             state = run.state
             if state is not None and (state.name, state.message) != last_state:
                 last_state = (state.name, state.message)

@@ -256,6 +256,17 @@ def _train_with_checkpoints(
                 "tokens_per_second": m.tokens_per_second,
             }
             registry.log_metrics(run_id, metrics, step=m.step)
+            # A worker's progress bar is seen by no one: the run's log (Prefect UI, `pipeline
+            # run --remote`) gets about twenty lines per run instead.
+            if m.step % max(1, m.total_steps // 20) == 0 or m.step == m.total_steps:
+                log.info(
+                    "step %d/%d  loss %.4f  lr %.2e  %.0f tokens/s",
+                    m.step,
+                    m.total_steps,
+                    m.loss,
+                    m.learning_rate,
+                    m.tokens_per_second,
+                )
 
         def on_checkpoint(folder: Path, step: int) -> None:
             storage.upload_dir(folder, f"{checkpoints_uri}step-{step}/", progress=False)

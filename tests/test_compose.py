@@ -90,6 +90,8 @@ def help_text(program: str, path: tuple[str, ...]) -> str:
         "mlflow",
         "prefect-server",
         "prefect-worker",
+        "db-migrate",
+        "schedule-sync",
         "serve-0",
         "serve-1",
         "fleet-init",

@@ -17,11 +17,21 @@ from lora_ops.cli import pipeline as pipeline
 from lora_ops.cli import scheduling as scheduling
 from lora_ops.cli import serving as serving
 from lora_ops.cli import stack as stack
+from lora_ops.cli.common import point_at_local_stack
 from lora_ops.errors import LoraOpsError
 
 app = typer.Typer(
     help="Train, register and serve one LoRA adapter per customer.", no_args_is_help=True
 )
+
+
+@app.callback()
+def _use_the_local_stack() -> None:
+    # Before any command imports Prefect or MLflow, which read their settings once: a stack
+    # that is up serves every command, unless the environment points elsewhere.
+    point_at_local_stack()
+
+
 app.add_typer(models.base_app, name="base")
 app.add_typer(models.data_app, name="data")
 app.command()(models.train)

@@ -22,7 +22,6 @@ from lora_ops.cli.common import (
     SEED,
     TARGETS,
     out,
-    point_at_local_stack,
     training_overrides,
 )
 
@@ -88,10 +87,16 @@ def customers_add(
     auto_deploy: AutoDeploy = None,
     require_review: RequireReview = None,
     active: Active = None,
+    exist_ok: Annotated[
+        bool, typer.Option("--exist-ok", help="Keep an existing record as it is; no error.")
+    ] = False,
 ) -> None:
     """Add a customer; `lora-ops schedule sync` then makes its Prefect deployment."""
     from lora_ops import customers
 
+    if exist_ok and customers.find(customer) is not None:
+        out.print(f"{customer} already exists: kept as it is")
+        return
     training = training_overrides(
         rank=rank,
         alpha=alpha,
@@ -230,7 +235,6 @@ def customers_show(
     for key, value in record.model_dump().items():
         fields.add_row(key, str(value))
     out.print(fields)
-    point_at_local_stack()
     out.print(_versions_table(customer, versions))
     history = Table("deployed at", "version", "replica", "status", "by", title="last deployments")
     for row in Database.from_settings().deployments(customer, limit=10):

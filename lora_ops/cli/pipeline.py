@@ -24,7 +24,6 @@ from lora_ops.cli.common import (
     TARGETS,
     CustomerOption,
     out,
-    point_at_local_stack,
     train_config,
     training_overrides,
 )
@@ -89,7 +88,6 @@ def pipeline_run(
     from lora_ops import names
 
     names.check_customer(customer)
-    point_at_local_stack()
     overrides = training_overrides(
         rank=rank,
         alpha=alpha,
@@ -201,7 +199,6 @@ def approve(
     from lora_ops.settings import get_settings
 
     names.check_customer(customer)
-    point_at_local_stack()
     who = reviewer or getpass.getuser()
     review.record_decision(customer, version, approved=not reject, reviewer=who)
     verdict = "rejected" if reject else "approved"

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from lora_ops.cli.common import out, point_at_local_stack
+from lora_ops.cli.common import out
 from lora_ops.errors import InputError
 
 schedule_app = typer.Typer(
@@ -21,7 +21,6 @@ db_app = typer.Typer(help="The service database and its migrations.", no_args_is
 def _require_prefect_server() -> str:
     from lora_ops.settings import get_settings
 
-    point_at_local_stack()
     url = get_settings().prefect_api_url
     if not url:
         raise InputError(

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from lora_ops.cli.common import BaseOption, out, point_at_local_stack, secret_value
+from lora_ops.cli.common import BaseOption, out, secret_value
 from lora_ops.errors import InputError
 
 fleet_app = typer.Typer(help="The serving replicas deploys go to.", no_args_is_help=True)
@@ -122,7 +122,6 @@ def deploy(
     """Load a version on every replica, smoke-test it, then make it production."""
     from flows.deploy import deploy_adapter
 
-    point_at_local_stack()
     result = deploy_adapter(customer=customer, version=version, alias=alias)
     out.print(
         f"adapter-{customer} version {result['version']} is production on "
@@ -134,7 +133,6 @@ def rollback(customer: Annotated[str, typer.Option("--customer", help="Customer 
     """Serve the previous production version everywhere again."""
     from flows.deploy import rollback_adapter
 
-    point_at_local_stack()
     result = rollback_adapter(customer=customer)
     out.print(
         f"adapter-{customer} rolled back to version {result['version']} on "
@@ -167,7 +165,6 @@ def ask(
         names.check_customer(customer)
     if not [p for p in prompts if p.strip()]:
         raise InputError("give at least one non-empty --prompt", field="--prompt")
-    point_at_local_stack()
     fleet = Fleet()
     url = check_url(replica) if replica else next(iter(fleet.urls()), None)
     if url is None:

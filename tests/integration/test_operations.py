@@ -157,6 +157,9 @@ def test_a_customer_from_record_to_scheduled_deploys(
     run = prefect.wait(run_id)
     assert run["state"]["type"] == "COMPLETED", run["state"]
     assert run["parameters"]["config"]["max_steps"] == 6
+    body = {"logs": {"flow_run_id": {"any_": [run_id]}}}
+    logged = [entry["message"] for entry in prefect.call("POST", "/logs/filter", json=body)]
+    assert any(line.startswith("step 6/6  loss ") for line in logged), logged  # lora_ops's own
     assert versions("sched-co") == ["1"]
     registered = Registry().get_version("sched-co", "1")
     assert Registry().client.get_run(registered.run_id).data.params["max_steps"] == "6"

@@ -24,8 +24,10 @@ from typer.testing import CliRunner
 
 from lora_ops import stack as embedded
 from lora_ops.cli import app
+from lora_ops.db import Database
+from lora_ops.fleet import Fleet
 from lora_ops.settings import Settings
-from tests.integration.conftest import OUTSIDE_VARIABLES, RunningStack, stack_settings
+from tests.integration.conftest import OUTSIDE_VARIABLES, RunningStack, free_ports, stack_settings
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()
@@ -285,3 +287,41 @@ def test_status_tells_the_truth_and_down_leaves_nothing(own_env: Settings) -> No
     assert (
         runner.invoke(app, ["stack", "status"]).exit_code == 0
     )  # nothing recorded, nothing broken
+
+
+def test_a_worker_and_a_replica_join_the_stack(
+    own_env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker_port, replica_port = free_ports(2)
+    monkeypatch.setenv("LORA_OPS_WORKER_PORT", str(worker_port))
+    monkeypatch.setenv("LORA_OPS_REPLICA_PORT", str(replica_port))
+    monkeypatch.setenv("LORA_OPS_REPLICA_BASE", "tiny-llama")
+    monkeypatch.delenv("LORA_OPS_ADMIN_TOKEN", raising=False)
+    replica = f"http://127.0.0.1:{replica_port}"
+    started = runner.invoke(app, ["stack", "up", "--worker", "--replica"])
+    try:
+        assert started.exit_code == 0, started.output
+        assert f"Replica:    {replica}/v1" in started.output
+        parts = {row.name: row for row in embedded.status()}
+        assert [name for name, row in parts.items() if row.healthy] == list(embedded.PARTS)
+        token_file = own_env.state_dir / "admin-token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        token = token_file.read_text()
+        assert embedded.service_env()["LORA_OPS_ADMIN_TOKEN"] == token
+        assert Fleet(Database()).urls() == [replica]
+
+        body = {"lora_name": "x", "lora_path": "/nowhere"}
+        assert httpx.post(f"{replica}/v1/load_lora_adapter", json=body).status_code == 401
+        authorised = {"Authorization": f"Bearer {token}"}
+        loaded = httpx.post(f"{replica}/v1/load_lora_adapter", json=body, headers=authorised)
+        assert loaded.status_code == 400  # past the token check: the path does not exist
+        prefect = embedded.service_env()["PREFECT_API_URL"]
+        workers = httpx.post(f"{prefect}/work_pools/{own_env.work_pool}/workers/filter").json()
+        assert [w["status"] for w in workers] == ["ONLINE"]
+
+        again = runner.invoke(app, ["stack", "up", "--worker", "--replica"])
+        assert "started: nothing" in again.output
+    finally:
+        stopped = runner.invoke(app, ["stack", "down"])
+    assert "stopped: replica, worker, prefect, mlflow, s3" in stopped.output
+    assert Fleet(Database()).urls() == []
