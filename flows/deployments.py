@@ -25,6 +25,7 @@ from prefect.client.schemas.filters import (
     FlowFilter,
     FlowFilterName,
     FlowRunFilter,
+    FlowRunFilterParentFlowRunId,
     FlowRunFilterState,
     FlowRunFilterStateType,
     LogFilter,
@@ -214,7 +215,8 @@ def follow_flow_run(
     with get_client(sync_client=True) as client:
         while True:
             run = client.read_flow_run(flow_run_id)
-            for entry in _new_logs(client, flow_run_id, since):
+            runs = [flow_run_id, *_subflow_runs(client, flow_run_id)]  # train-adapter's steps
+            for entry in _new_logs(client, runs, since):
                 since = entry.timestamp
                 if entry.task_run_id is None:
                     on_line(f"  {entry.message}")
@@ -231,8 +233,16 @@ def follow_flow_run(
             time.sleep(poll_s)
 
 
-def _new_logs(client: SyncPrefectClient, flow_run_id: UUID, since: dt.datetime | None) -> list[Any]:
-    log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+def _subflow_runs(client: SyncPrefectClient, flow_run_id: UUID) -> list[UUID]:
+    parent = FlowRunFilterParentFlowRunId(any_=[flow_run_id])
+    children = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=parent))
+    return [child.id for child in children]
+
+
+def _new_logs(
+    client: SyncPrefectClient, flow_run_ids: list[UUID], since: dt.datetime | None
+) -> list[Any]:
+    log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=flow_run_ids))
     if since is not None:
         log_filter.timestamp = LogFilterTimestamp(after_=since + dt.timedelta(microseconds=1))
     return client.read_logs(log_filter=log_filter, sort=LogSort.TIMESTAMP_ASC, limit=200)

@@ -157,7 +157,11 @@ def test_a_customer_from_record_to_scheduled_deploys(
     run = prefect.wait(run_id)
     assert run["state"]["type"] == "COMPLETED", run["state"]
     assert run["parameters"]["config"]["max_steps"] == 6
-    body = {"logs": {"flow_run_id": {"any_": [run_id]}}}
+    children = {"flow_runs": {"parent_flow_run_id": {"any_": [run_id]}}}
+    (training,) = prefect.call("POST", "/flow_runs/filter", json=children)
+    assert prefect.call("GET", f"/flows/{training['flow_id']}")["name"] == "train-adapter"
+    assert training["state"]["type"] == "COMPLETED"
+    body = {"logs": {"flow_run_id": {"any_": [training["id"]]}}}
     logged = [entry["message"] for entry in prefect.call("POST", "/logs/filter", json=body)]
     assert any(line.startswith("step 6/6  loss ") for line in logged), logged  # lora_ops's own
     assert versions("sched-co") == ["1"]
