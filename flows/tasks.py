@@ -6,8 +6,7 @@ from typing import Any
 
 from prefect import Task, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.client.schemas.objects import TaskRun
-from prefect.states import State
+from prefect.client.schemas.objects import State, TaskRun
 
 from lora_ops import pipeline, review
 from lora_ops.config import TrainConfig

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from typing import Any, cast
 
 import httpx
-from sqlalchemy import delete
+from sqlalchemy import CursorResult, delete
 
 from lora_ops.db import Database, Replica
 from lora_ops.errors import InputError, LoraOpsError
@@ -68,7 +69,11 @@ class Fleet:
 
     def remove(self, url: str) -> bool:
         with self.db.session() as session:
-            return bool(session.execute(delete(Replica).where(Replica.url == url)).rowcount)
+            # A DELETE runs through a cursor, so it has a rowcount; Session types it loosely.
+            result = cast(
+                CursorResult[Any], session.execute(delete(Replica).where(Replica.url == url))
+            )
+            return bool(result.rowcount)
 
     def urls(self) -> list[str]:
         return self.db.replica_urls()
@@ -119,11 +124,11 @@ class Fleet:
         response = self._call("POST", url, "/v1/chat/completions", json=body)
         return str(response.json()["choices"][0]["message"]["content"])
 
-    def _call(self, method: str, url: str, path: str, **kwargs: object) -> httpx.Response:
+    def _call(self, method: str, url: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = httpx.request(
                 method, url + path, headers=self._headers, timeout=self.timeout_s, **kwargs
-            )  # type: ignore[arg-type]
+            )
         except httpx.HTTPError as exc:
             raise ReplicaError(url, f"unreachable ({type(exc).__name__})") from None
         if response.status_code >= 400:

@@ -3,7 +3,9 @@ recorded when the version was registered."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 from lora_ops import base_models
 from lora_ops.lora import load_adapter
@@ -20,8 +22,10 @@ def smoke_reply(base: str, adapter_dir: Path) -> str:
     tokenizer = base_models.load_tokenizer(base)
     model = base_models.load_model(base)
     load_adapter(model, adapter_dir, "smoke")
-    prompt = tokenizer.apply_chat_template(
+    encoded = tokenizer.apply_chat_template(
         SMOKE_MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=True
-    )["input_ids"]
+    )
+    # return_dict=True gives a BatchEncoding; the declared return type is a union of every mode.
+    prompt = cast(Mapping[str, list[int]], encoded)["input_ids"]
     request = GenerationRequest(list(prompt), "smoke", SamplingParams(max_tokens=SMOKE_MAX_TOKENS))
     return generate_batch(model, tokenizer, [request])[0].text

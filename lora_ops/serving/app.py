@@ -250,19 +250,19 @@ async def _stream(
     """Server-sent events in OpenAI's chunk shape, ending with ``data: [DONE]``."""
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[str] = asyncio.Queue()
-    future = engine.submit(
-        ids,
-        model,
-        params,
-        on_text=lambda _, text: loop.call_soon_threadsafe(pieces.put_nowait, text),
-    )
+
+    def on_text(_: int, text: str) -> None:
+        loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+    future = engine.submit(ids, model, params, on_text=on_text)
     done = asyncio.wrap_future(future)
     chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     if chat:
         yield _chunk(chunk_id, model, chat, {"role": "assistant", "content": ""}, None)
     while not (done.done() and pieces.empty()):
         getter = asyncio.ensure_future(pieces.get())
-        finished, _ = await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+        waiting: set[asyncio.Future[Any]] = {getter, done}
+        finished, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if getter in finished:
             yield _chunk(chunk_id, model, chat, getter.result(), None)
         else:

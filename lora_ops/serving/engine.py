@@ -13,10 +13,11 @@ import tempfile
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from lora_ops import base_models, names
 from lora_ops.errors import InputError, LoraOpsError
@@ -216,7 +217,8 @@ class Engine:
         encoded = self.tokenizer.apply_chat_template(
             list(messages), add_generation_prompt=True, tokenize=True, return_dict=True
         )
-        return list(encoded["input_ids"])
+        # return_dict=True gives a BatchEncoding; the declared return type is a union of every mode.
+        return list(cast(Mapping[str, list[int]], encoded)["input_ids"])
 
     def encode_text(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -135,7 +136,8 @@ def _advance(
         row.finish_reason = "stop"
         return token
     row.tokens.append(token)
-    text = tokenizer.decode(row.tokens, skip_special_tokens=True)
+    # One flat list of ids decodes to one string; the list[str] branch is for batches.
+    text = cast(str, tokenizer.decode(row.tokens, skip_special_tokens=True))
     cut = min((text.find(s) for s in row.request.params.stop if s in text), default=-1)
     if cut >= 0:
         text, row.finish_reason = text[:cut], "stop"
