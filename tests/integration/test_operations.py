@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from lora_ops import names
 from lora_ops.cli import app
+from lora_ops.cli.common import out
 from lora_ops.db import Database
 from lora_ops.fleet import Fleet
 from lora_ops.registry import Registry
@@ -83,6 +84,11 @@ class PrefectApi:
     def runs_of(self, deployment_id: str) -> list[dict[str, Any]]:
         body = {"deployments": {"id": {"any_": [deployment_id]}}, "sort": "START_TIME_DESC"}
         return self.call("POST", "/flow_runs/filter", json=body)
+
+
+@pytest.fixture(autouse=True)
+def _wide_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(out, "width", 200)  # as on a wide terminal: table cells stay whole
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +202,14 @@ def test_a_customer_from_record_to_scheduled_deploys(
         cli("customers", "update", "sched-co", "--no-schedule")
         cli("schedule", "sync")
     assert prefect.deployment("retrain/sched-co")["schedules"] == []
+
+    shown = cli("customers", "show", "sched-co")
+    assert "candidate, production" in shown  # version 2
+    assert "passed" in shown
+    assert "succeeded" in shown  # the deployment history
+    cli("customers", "update", "sched-co", "--inactive")
+    assert "paused  retrain/sched-co" in cli("schedule", "sync")
+    assert prefect.deployment("retrain/sched-co")["paused"] is True
 
 
 def utcnow() -> dt.datetime:
