@@ -185,6 +185,8 @@ def test_a_customer_from_record_to_scheduled_deploys(
     cli("customers", "update", "sched-co", "--schedule", "* * * * *", "--max-steps", "6",
         "--auto-deploy")  # fmt: skip
     cli("schedule", "sync")
+    schedules = prefect.deployment("retrain/sched-co")["schedules"]
+    assert [s["schedule"]["cron"] for s in schedules] == ["* * * * *"]  # replaced, not added
     unchanged = wait_for_scheduled_run(prefect, deployment["id"], after=utcnow())
     assert unchanged["state"]["name"] == "No new data", unchanged["state"]
     assert versions("sched-co") == ["1"]
