@@ -1,7 +1,10 @@
-"""Shared fixtures: the tiny-llama base (built once per machine, cached) and its parts."""
+"""Shared fixtures: the tiny-llama base (built once per machine, cached) and its parts, and
+the session's embedded stack (real S3, MLflow and Prefect), started by the first test that
+needs it."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lora_ops import base_models
+from lora_ops import stack as embedded
+from lora_ops.settings import Settings
+from tests.servers import OUTSIDE_VARIABLES, RunningStack, stack_settings
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +43,26 @@ def smollm2_base() -> Path:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    """A running stack; the environment points every client at it for the session."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in OUTSIDE_VARIABLES:
+            patch.delenv(name, raising=False)
+        settings = stack_settings(tmp_path_factory.mktemp("stack"))
+        state = embedded.up(settings)
+        try:
+            env = embedded.service_env(settings)
+            for name, value in env.items():
+                patch.setenv(name, value)
+            yield RunningStack(
+                settings=Settings(),  # as any client in the session will see it
+                env=env,
+                s3_url=state.url("s3"),
+                mlflow_url=state.url("mlflow"),
+                prefect_url=state.url("prefect"),
+            )
+        finally:
+            embedded.down(settings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -96,10 +97,27 @@ def apply_lora(model: nn.Module, spec: LoraSpec, adapter: str = "default") -> Tr
     names = find_target_modules(model, spec.target_modules)
     if any(adapter in layer.specs for _, layer in lora_layers(model)):
         raise InputError(f"the model already has an adapter named {adapter!r}", field="adapter")
+    _check_rank_fits(model, names, spec.r)
     add_adapter_to_modules(model, names, adapter, spec)
     mark_trainable(model, adapter)
     set_adapter(model, adapter)
     return trainable_report(model)
+
+
+def _check_rank_fits(model: nn.Module, module_names: Sequence[str], r: int) -> None:
+    """Refuse a rank above a target's smaller side: B·A cannot exceed rank min(d_in, d_out),
+    so the extra rows are parameters that train nothing."""
+    for name in module_names:
+        module = model.get_submodule(name)
+        linear = module.base_layer if isinstance(module, LoRALinear) else module
+        weight = cast(torch.Tensor, linear.weight)  # (d_out, d_in)
+        d_out, d_in = weight.shape
+        if r > min(d_in, d_out):
+            raise InputError(
+                f"{r} is larger than {name}'s smaller side ({d_out} x {d_in}); "
+                f"use r <= {min(d_in, d_out)}",
+                field="r",
+            )
 
 
 def mark_trainable(model: nn.Module, adapter: str) -> None:

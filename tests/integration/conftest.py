@@ -1,90 +1,9 @@
-"""The real servers: one embedded stack (S3, MLflow, Prefect) per test session, on free ports."""
+"""Integration tests share the session's stack (tests/conftest.py) and these helpers."""
 
-from __future__ import annotations
-
-import socket
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-
-import pytest
-
-from lora_ops import stack as embedded
-from lora_ops.settings import Settings
-
-# Variables that could point a client at some other server or sign with other keys.
-OUTSIDE_VARIABLES = (
-    "LORA_OPS_S3_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_PROFILE",
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_S3_ENDPOINT_URL",
-    "PREFECT_API_URL",
-    "PREFECT_API_KEY",
+from tests.servers import (  # noqa: F401 - imported by test modules from here
+    OUTSIDE_VARIABLES,
+    RunningStack,
+    free_port,
+    free_ports,
+    stack_settings,
 )
-
-
-def free_port() -> int:
-    """A port the kernel just handed out as free (bind to port 0)."""
-    return free_ports(1)[0]
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports the kernel just handed out as free (bind to port 0)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:  # all bound at once, so the kernel gives distinct ports
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def stack_settings(state_dir: Path) -> Settings:
-    """Settings for a stack of our own: its state folder and fresh ports."""
-    s3_port, mlflow_port, prefect_port = free_ports(3)
-    return Settings(
-        state_dir=state_dir,
-        s3_port=s3_port,
-        mlflow_port=mlflow_port,
-        prefect_port=prefect_port,
-    )
-
-
-@dataclass(frozen=True)
-class RunningStack:
-    """The session's stack: settings read back from the environment it exported."""
-
-    settings: Settings
-    env: dict[str, str]
-    s3_url: str
-    mlflow_url: str
-    prefect_url: str  # ends in /api
-
-
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    """A running stack; the environment points every client at it for the session."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name in OUTSIDE_VARIABLES:
-            patch.delenv(name, raising=False)
-        settings = stack_settings(tmp_path_factory.mktemp("stack"))
-        state = embedded.up(settings)
-        try:
-            env = embedded.service_env(settings)
-            for name, value in env.items():
-                patch.setenv(name, value)
-            yield RunningStack(
-                settings=Settings(),  # as any client in the session will see it
-                env=env,
-                s3_url=state.url("s3"),
-                mlflow_url=state.url("mlflow"),
-                prefect_url=state.url("prefect"),
-            )
-        finally:
-            embedded.down(settings)

@@ -15,6 +15,7 @@ from lora_ops.lora import (
     adapters_in_use,
     apply_lora,
     delete_adapter,
+    lora_layers,
     merge_adapter,
     remove_lora,
     set_adapter,
@@ -134,3 +135,13 @@ def test_delete_adapter_restores_plain_layers(tiny_model: PreTrainedModel) -> No
     delete_adapter(tiny_model, "acme")
     assert not any(isinstance(m, LoRALinear) for m in tiny_model.modules())
     torch.testing.assert_close(logits(tiny_model, ids), expected)
+
+
+def test_a_rank_above_a_targets_width_is_refused_before_anything_changes(
+    tiny_model: PreTrainedModel,
+) -> None:
+    width = tiny_model.config.hidden_size
+    with pytest.raises(InputError, match=f"r <= {width}") as refused:
+        apply_lora(tiny_model, LoraSpec(r=width + 1))
+    assert refused.value.field == "r"
+    assert list(lora_layers(tiny_model)) == []  # no layer was wrapped
