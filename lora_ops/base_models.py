@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from lora_ops.errors import InputError
+from lora_ops.lora import LoraSpec, check_spec_fits
 from lora_ops.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -272,3 +273,18 @@ def list_bases(cache_dir: Path | None = None) -> list[dict[str, Any]]:
 
 def model_config(folder: Path) -> Any:
     return AutoConfig.from_pretrained(folder)
+
+
+def check_lora_fits(name_or_path: str | Path, spec: LoraSpec) -> None:
+    """Refuse a LoRA spec this base cannot take, without reading its weights.
+
+    The model is built on the meta device (shapes only, no memory), so a bad target or rank
+    is refused before a run prepares data or starts training.
+
+    Raises:
+        InputError: a target matches no linear layer, or the rank exceeds a layer's width.
+    """
+    config = model_config(resolve_base(name_or_path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    check_spec_fits(model, spec)

@@ -142,7 +142,9 @@ def data_fingerprint(
     """
     names.check_customer(customer)
     _, storage, _ = _services(settings)
-    base_sha = base_models.base_sha256(base_models.resolve_base(base))
+    folder = base_models.resolve_base(base)
+    base_models.check_lora_fits(folder, config.lora)  # before anything is prepared or trained
+    base_sha = base_models.base_sha256(folder)
     with tempfile.TemporaryDirectory() as work:
         sha256 = data.dataset_sha256(fetch_data(data_uri, Path(work), storage))
     return sha256, idempotency_key(base_sha, sha256, config)

@@ -14,6 +14,7 @@ PEFT folder sits at the version tag ``adapter_path`` inside it, and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlflow
 from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, Metric, Param, Run
@@ -41,7 +42,7 @@ from lora_ops.adapter_pyfunc import (
     save_pyfunc_model,
 )
 from lora_ops.config import TrainConfig
-from lora_ops.errors import InputError
+from lora_ops.errors import InputError, LoraOpsError
 from lora_ops.lora.spec import LoraSpec
 from lora_ops.settings import get_settings
 
@@ -132,6 +133,42 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return flat
 
 
+class RegistryUnavailable(LoraOpsError):
+    """The MLflow server could not be reached (down, restarting, or the network)."""
+
+
+# Words requests/urllib3 use when no answer came at all, as opposed to an answer saying no.
+_UNREACHABLE = ("Max retries exceeded", "Connection refused", "Failed to establish", "timed out")
+
+
+class _ClearErrors:
+    """An MlflowClient whose calls fail with "MLflow at URL is unreachable" when the server
+    does not answer, instead of a page of urllib3 text; everything else passes through."""
+
+    def __init__(self, client: mlflow.MlflowClient, tracking_uri: str) -> None:
+        self._client = client
+        self._tracking_uri = tracking_uri
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        @functools.wraps(attribute)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attribute(*args, **kwargs)
+            except MlflowException as exc:
+                if not any(words in str(exc) for words in _UNREACHABLE):
+                    raise
+                raise RegistryUnavailable(
+                    f"MLflow at {self._tracking_uri} is unreachable ({name} failed); "
+                    "is the tracking server running?"
+                ) from exc
+
+        return call
+
+
 class Registry:
     """Runs and registered adapter versions of every customer in one MLflow installation.
 
@@ -147,9 +184,8 @@ class Registry:
     def __init__(self, tracking_uri: str | None = None, artifact_root: str | None = None) -> None:
         self.tracking_uri = tracking_uri or get_settings().mlflow_tracking_uri
         self.artifact_root = artifact_root or _default_artifact_root(self.tracking_uri)
-        self.client = mlflow.MlflowClient(
-            tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri
-        )
+        client = mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        self.client = cast(mlflow.MlflowClient, _ClearErrors(client, self.tracking_uri))
 
     # -- runs ---------------------------------------------------------------------------
 

@@ -335,6 +335,7 @@ def train_from_files(
     from lora_ops import base_models, data
 
     folder = base_models.resolve_base(base)
+    base_models.check_lora_fits(folder, config.lora)
     tokenizer = base_models.load_tokenizer(folder)
     dataset = data.prepare_dataset(
         Path(data_path),

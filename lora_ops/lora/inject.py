@@ -94,14 +94,25 @@ def apply_lora(model: nn.Module, spec: LoraSpec, adapter: str = "default") -> Tr
     Returns:
         The trainable-parameter report (count and percent of the whole model).
     """
-    names = find_target_modules(model, spec.target_modules)
+    names = check_spec_fits(model, spec)
     if any(adapter in layer.specs for _, layer in lora_layers(model)):
         raise InputError(f"the model already has an adapter named {adapter!r}", field="adapter")
-    _check_rank_fits(model, names, spec.r)
     add_adapter_to_modules(model, names, adapter, spec)
     mark_trainable(model, adapter)
     set_adapter(model, adapter)
     return trainable_report(model)
+
+
+def check_spec_fits(model: nn.Module, spec: LoraSpec) -> list[str]:
+    """The modules ``spec`` targets in ``model``; refuses targets that match no linear layer
+    and a rank above a target's smaller side. Works on a model on the meta device.
+
+    Raises:
+        InputError: naming the field (``target_modules`` or ``r``) and the layer.
+    """
+    names = find_target_modules(model, spec.target_modules)
+    _check_rank_fits(model, names, spec.r)
+    return names
 
 
 def _check_rank_fits(model: nn.Module, module_names: Sequence[str], r: int) -> None:

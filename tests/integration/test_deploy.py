@@ -18,7 +18,7 @@ from lora_ops.lora import LoraSpec
 from lora_ops.registry import Registry
 from lora_ops.smoke import SMOKE_OUTPUT_TAG
 from tests.integration.conftest import free_port
-from tests.integration.processes import ReplicaProcess
+from tests.processes import ReplicaProcess
 
 pytestmark = pytest.mark.integration
 SAMPLE = Path(__file__).parents[2] / "examples" / "acme-support.jsonl"

@@ -22,7 +22,7 @@ from lora_ops.db import Database
 from lora_ops.fleet import Fleet
 from lora_ops.registry import Registry
 from tests.integration.conftest import RunningStack, free_port
-from tests.integration.processes import ReplicaProcess, WorkerProcess
+from tests.processes import ReplicaProcess, WorkerProcess
 
 pytestmark = pytest.mark.integration
 SAMPLE = Path(__file__).parents[2] / "examples" / "acme-support.jsonl"
