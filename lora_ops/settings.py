@@ -9,10 +9,12 @@ the MLflow and Prefect CLIs and their UIs alike. Secrets are ``SecretStr``: they
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Development keys of the embedded S3 server (it listens on 127.0.0.1 only). Any real
 # deployment sets AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
@@ -72,6 +74,11 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for a replica's adapter load/unload endpoints."
     )
+    adapter_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folders a replica may load local adapters from, separated like PATH; "
+        "empty: only s3:// (in the bucket) and models:/ adapters.",
+    )
     work_pool: str = Field(
         "lora-ops", description="Prefect work pool the retrain/<customer> deployments run on."
     )
@@ -91,6 +98,13 @@ class Settings(BaseSettings):
         validation_alias=_env("PREFECT_API_URL"),
         description="Unset: flows run in Prefect's ephemeral mode.",
     )
+
+    @field_validator("adapter_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):  # from the environment: PATH-style, like PYTHONPATH
+            return [Path(part) for part in value.split(os.pathsep) if part.strip()]
+        return value
 
     @model_validator(mode="after")
     def _point_at_embedded_stack(self) -> Settings:

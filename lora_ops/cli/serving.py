@@ -29,6 +29,26 @@ def serve(
     max_adapters: Annotated[int, typer.Option(min=1, help="Adapters kept in memory.")] = 8,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Requests per batch.")] = 16,
     batch_window_ms: Annotated[float, typer.Option(min=0, help="Wait for company, ms.")] = 10.0,
+    max_queue: Annotated[
+        int,
+        typer.Option(min=1, help="Requests allowed to wait for a batch; more get 429 at once."),
+    ] = 256,
+    max_model_len: Annotated[
+        int | None,
+        typer.Option(
+            min=2,
+            help="Most tokens per request, prompt + completion (default: the base's).",
+            show_default=False,
+        ),
+    ] = None,
+    adapter_root: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Folder local adapters may be loaded from; repeat for several "
+            "(default: LORA_OPS_ADAPTER_ROOTS; none: only s3:// and models:/ adapters).",
+            show_default=False,
+        ),
+    ] = None,
     bootstrap: Annotated[
         bool, typer.Option(help="Load every production adapter from MLflow at start.")
     ] = True,
@@ -45,13 +65,19 @@ def serve(
     from lora_ops.serving.engine import Engine
     from lora_ops.settings import get_settings
 
-    token = admin_token or secret_value(get_settings().admin_token)
+    settings = get_settings()
+    token = admin_token or secret_value(settings.admin_token)
     grants = load_api_keys(api_keys) if api_keys else None  # checked before the model loads
+    roots = _adapter_roots(adapter_root or settings.adapter_roots)
     engine = Engine(
         base,
         max_adapters=max_adapters,
         max_batch_size=max_batch_size,
         batch_window_s=batch_window_ms / 1000,
+        max_queue=max_queue,
+        max_model_len=max_model_len,
+        adapter_roots=roots,
+        bucket=settings.bucket,
     )
     app_ = create_app(engine, token, grants)
     if bootstrap:
@@ -61,6 +87,14 @@ def serve(
         uvicorn.run(app_, host=host, port=port, log_level="warning")
     finally:
         engine.close()
+
+
+def _adapter_roots(roots: list[Path]) -> list[Path]:
+    """The roots, each an existing folder: a typo must not silently refuse every load."""
+    for root in roots:
+        if not root.is_dir():
+            raise InputError(f"{root} is not a folder", field="--adapter-root")
+    return roots
 
 
 def _bootstrap(app_: Any, engine: Any, base: str) -> None:

@@ -2,13 +2,14 @@
 
 ``create_app(engine, admin_token)`` builds the FastAPI app; routes parse, call the engine
 and shape the answer. Errors use OpenAI's shape: ``{"error": {"message", "type",
-"param", "code"}}``.
+"param", "code"}}``, and the OpenAPI schema documents every status a route answers with.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -17,75 +18,34 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lora_ops.errors import InputError
+from lora_ops.errors import InputError, LoraOpsError
+from lora_ops.serving import schemas
 from lora_ops.serving.access import Access, AccessDenied, KeyGrant
-from lora_ops.serving.engine import AdapterSource, Engine, UnknownModel
-from lora_ops.serving.generation import GenerationResult, SamplingParams
-from lora_ops.serving.schemas import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    LoadLoraAdapterRequest,
-    UnloadLoraAdapterRequest,
-)
+from lora_ops.serving.engine import AdapterSource, Engine, Overloaded, UnknownModel
+from lora_ops.serving.generation import GenerationResult
+from lora_ops.serving.limits import BodyLimit, BodyTooLarge
+from lora_ops.serving.metrics import replica_metrics
+from lora_ops.serving.openapi import ADMIN_RESPONSES, INFERENCE_RESPONSES, document_errors
+from lora_ops.serving.schemas import ChatCompletionRequest, CompletionRequest
+from lora_ops.serving.sources import SourceUnavailable
 
+log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 64
 
 
 def openai_error(
-    status: int, message: str, kind: str, code: str | None = None, param: str | None = None
+    status: int,
+    message: str,
+    kind: str,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
-
-
-class _EngineCollector(Collector):
-    """Engine counters, read at scrape time."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    def collect(self) -> Any:
-        stats = self.engine.stats
-        for name, value, doc in (
-            ("lora_ops_cache_hits", stats.cache_hits, "Adapter cache hits."),
-            ("lora_ops_cache_misses", stats.cache_misses, "Adapter cache misses (loads)."),
-            ("lora_ops_cache_evictions", stats.evictions, "Adapters evicted from the cache."),
-            ("lora_ops_generated_tokens", stats.generated_tokens, "Tokens generated."),
-            ("lora_ops_prompt_tokens", stats.prompt_tokens, "Prompt tokens processed."),
-            ("lora_ops_batches", stats.batches, "Decoding batches run."),
-        ):
-            yield CounterMetricFamily(name, doc, value=value)
-        sizes = GaugeMetricFamily(
-            "lora_ops_batch_size_batches", "Batches run, by size.", labels=["size"]
-        )
-        for size, count in sorted(stats.batch_sizes.items()):
-            sizes.add_metric([str(size)], count)
-        yield sizes
-        yield GaugeMetricFamily(
-            "lora_ops_max_batch_size",
-            "Largest batch run so far.",
-            value=max(stats.batch_sizes, default=0),
-        )
-        yield GaugeMetricFamily(
-            "lora_ops_loaded_adapters",
-            "Adapters registered on this replica.",
-            value=len(self.engine.models()) - 1,
-        )
-        yield GaugeMetricFamily(
-            "lora_ops_resident_adapters",
-            "Adapters in memory now.",
-            value=len(self.engine.resident_adapters()),
-        )
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def create_app(
@@ -98,30 +58,119 @@ def create_app(
     """
     access = Access(admin_token, api_keys)
     app = FastAPI(title="lora-ops replica", version="1")
-    registry = CollectorRegistry()
-    registry.register(_EngineCollector(engine))
-    requests_total = Counter(
-        "lora_ops_requests", "Requests by route and status.", ["route", "status"], registry=registry
-    )
-    latency = Histogram(
-        "lora_ops_request_seconds", "Request latency.", ["route"], registry=registry
-    )
+    metrics = replica_metrics(engine)
     app.state.engine = engine
+    app.state.ready = True
+    app.add_middleware(BodyLimit)
 
     @app.middleware("http")
     async def measure(request: Request, call_next: Callable[..., Any]) -> Response:
         started = time.perf_counter()
         response: Response = await call_next(request)
-        route = request.url.path
-        latency.labels(route).observe(time.perf_counter() - started)
-        requests_total.labels(route, str(response.status_code)).inc()
+        route = request.url.path if request.url.path in app.state.paths else "other"
+        metrics.latency.labels(route).observe(time.perf_counter() - started)
+        metrics.requests.labels(route, str(response.status_code)).inc()
         return response
 
+    _add_error_handlers(app)
+
+    @app.get("/health", response_model=schemas.Health, responses={503: {"model": schemas.Health}})
+    async def health() -> Any:
+        # Not ready while production adapters are still loading at start-up.
+        if not app.state.ready:
+            return JSONResponse({"status": "loading", "base": engine.base}, status_code=503)
+        return schemas.Health(status="ok", base=engine.base)
+
+    @app.get("/v1/models", responses=INFERENCE_RESPONSES)
+    async def list_models(request: Request) -> schemas.ModelList:
+        grant = access.grant(request.headers.get("authorization"))
+        # vLLM's shape: an adapter's root is where it was loaded from, its parent the base.
+        now = int(time.time())
+        cards: list[tuple[str, str, str | None]] = []
+        if grant is None or grant.allow_base:
+            cards.append(("base", engine.base, None))
+        for name in engine.models()[1:]:
+            if grant is None or grant.allows(name):
+                cards.append((name, engine.source_of(name), "base"))
+        data = [
+            schemas.ModelCard(
+                id=name, object="model", created=now, owned_by="lora-ops", root=root, parent=parent
+            )
+            for name, root, parent in cards
+        ]
+        return schemas.ModelList(object="list", data=data)
+
+    @app.post(
+        "/v1/completions",
+        response_model=None,
+        responses={200: _ok(schemas.CompletionResponse), **INFERENCE_RESPONSES},
+    )
+    async def completions(body: CompletionRequest, request: Request) -> Response | dict[str, Any]:
+        access.require_model(request.headers.get("authorization"), body.model)
+        ids = await asyncio.to_thread(engine.encode_text, body.prompt)
+        return await _respond(engine, body, ids, chat=False)
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=None,
+        responses={200: _ok(schemas.ChatCompletionResponse), **INFERENCE_RESPONSES},
+    )
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request
+    ) -> Response | dict[str, Any]:
+        access.require_model(request.headers.get("authorization"), body.model)
+        messages = [m.model_dump() for m in body.messages]
+        ids = await asyncio.to_thread(engine.encode_chat, messages)
+        return await _respond(engine, body, ids, chat=True)
+
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=ADMIN_RESPONSES)
+    async def load_lora_adapter(body: schemas.LoadLoraAdapterRequest, request: Request) -> str:
+        access.require_admin(request.headers.get("authorization"))
+        source = AdapterSource(body.lora_path, body.sha256)
+        await asyncio.to_thread(engine.load_adapter, body.lora_name, source)
+        return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+
+    @app.post(
+        "/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=ADMIN_RESPONSES
+    )
+    async def unload_lora_adapter(body: schemas.UnloadLoraAdapterRequest, request: Request) -> str:
+        access.require_admin(request.headers.get("authorization"))
+        await asyncio.to_thread(engine.unload_adapter, body.lora_name)
+        return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus_metrics() -> Response:
+        body = generate_latest(metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    app.state.paths = {route.path for route in app.routes if hasattr(route, "path")}
+    document_errors(app)
+    return app
+
+
+def _ok(model: type[Any]) -> dict[str, Any]:
+    """A 200 that is JSON, or server-sent events when the request asked to stream."""
+    event = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+    return {"model": model, "content": {"text/event-stream": {"schema": event}}}
+
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"] if p != "body")
+        if first.get("type") == "json_invalid":
+            return openai_error(400, "the body is not valid JSON", "invalid_request_error")
+        param = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
         return openai_error(400, f"{param}: {first['msg']}", "invalid_request_error", param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # The framework's own refusals (an unparsable body, no such route, a wrong
+        # method) in OpenAI's shape too, keeping headers such as Allow.
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        response = openai_error(exc.status_code, str(exc.detail), kind)
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(UnknownModel)
     async def unknown_model(_: Request, exc: UnknownModel) -> JSONResponse:
@@ -135,90 +184,43 @@ def create_app(
     async def denied(_: Request, exc: AccessDenied) -> JSONResponse:
         return openai_error(exc.status, exc.message, exc.kind)
 
-    app.state.ready = True
+    @app.exception_handler(Overloaded)
+    async def overloaded(_: Request, exc: Overloaded) -> JSONResponse:
+        retry = {"Retry-After": str(exc.retry_after_s)}
+        return openai_error(429, str(exc), "rate_limit_exceeded", "queue_full", headers=retry)
 
-    @app.get("/health", response_model=None)
-    async def health() -> JSONResponse | dict[str, str]:
-        # Not ready while production adapters are still loading at start-up.
-        if not app.state.ready:
-            return JSONResponse({"status": "loading", "base": engine.base}, status_code=503)
-        return {"status": "ok", "base": engine.base}
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
+        return openai_error(413, str(exc), "invalid_request_error", "request_too_large")
 
-    @app.get("/v1/models")
-    async def list_models(request: Request) -> dict[str, Any]:
-        grant = access.grant(request.headers.get("authorization"))
-        # vLLM's shape: an adapter's root is where it was loaded from, its parent the base.
-        now = int(time.time())
-        data = [
-            {
-                "id": "base",
-                "object": "model",
-                "created": now,
-                "owned_by": "lora-ops",
-                "root": engine.base,
-                "parent": None,
-            }
-        ]
-        if grant is not None and not grant.allow_base:
-            data = []
-        for name in engine.models()[1:]:
-            if grant is not None and not grant.allows(name):
-                continue
-            data.append(
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": now,
-                    "owned_by": "lora-ops",
-                    "root": engine.source_of(name),
-                    "parent": "base",
-                }
-            )
-        return {"object": "list", "data": data}
+    @app.exception_handler(SourceUnavailable)
+    async def unavailable(_: Request, exc: SourceUnavailable) -> JSONResponse:
+        return openai_error(503, str(exc), "service_unavailable", headers={"Retry-After": "5"})
 
-    @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest, request: Request) -> Response | dict[str, Any]:
-        access.require_model(request.headers.get("authorization"), body.model)
-        ids = engine.encode_text(body.prompt)
-        return await _respond(engine, body, ids, chat=False)
-
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(
-        body: ChatCompletionRequest, request: Request
-    ) -> Response | dict[str, Any]:
-        access.require_model(request.headers.get("authorization"), body.model)
-        ids = engine.encode_chat([m.model_dump() for m in body.messages])
-        return await _respond(engine, body, ids, chat=True)
-
-    @app.post("/v1/load_lora_adapter", response_model=None)
-    async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> Response:
-        access.require_admin(request.headers.get("authorization"))
-        source = AdapterSource(body.lora_path, body.sha256)
-        await asyncio.to_thread(engine.load_adapter, body.lora_name, source)
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
-
-    @app.post("/v1/unload_lora_adapter", response_model=None)
-    async def unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request) -> Response:
-        access.require_admin(request.headers.get("authorization"))
-        await asyncio.to_thread(engine.unload_adapter, body.lora_name)
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    return app
+    @app.exception_handler(LoraOpsError)
+    async def refused(_: Request, exc: LoraOpsError) -> JSONResponse:
+        # Shutting down, and other states the caller can only wait out.
+        return openai_error(503, str(exc), "service_unavailable")
 
 
 async def _respond(
     engine: Engine, body: CompletionRequest | ChatCompletionRequest, ids: list[int], chat: bool
 ) -> Response | dict[str, Any]:
     limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    if limit is None:  # OpenAI's default: as much as fits, here capped at a short answer
+        limit = max(1, min(DEFAULT_MAX_TOKENS, engine.room(len(ids))))
     params = body.model_copy(update={"max_tokens": limit}).sampling(DEFAULT_MAX_TOKENS)
     if body.stream:
-        return StreamingResponse(
-            _stream(engine, body.model, ids, params, chat), media_type="text/event-stream"
-        )
+        # Queued before the response starts, so a refusal is still an HTTP error status.
+        pieces: asyncio.Queue[str] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def on_text(_: int, text: str) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+        future = engine.submit(ids, body.model, params, on_text=on_text)
+        events = _stream(body.model, future, pieces, chat)
+        return StreamingResponse(events, media_type="text/event-stream")
     result = await asyncio.wrap_future(engine.submit(ids, body.model, params))
     return _completion_body(body.model, result, chat)
 
@@ -245,16 +247,9 @@ def _completion_body(model: str, result: GenerationResult, chat: bool) -> dict[s
 
 
 async def _stream(
-    engine: Engine, model: str, ids: list[int], params: SamplingParams, chat: bool
+    model: str, future: Any, pieces: asyncio.Queue[str], chat: bool
 ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk shape, ending with ``data: [DONE]``."""
-    loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue[str] = asyncio.Queue()
-
-    def on_text(_: int, text: str) -> None:
-        loop.call_soon_threadsafe(pieces.put_nowait, text)
-
-    future = engine.submit(ids, model, params, on_text=on_text)
     done = asyncio.wrap_future(future)
     chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     if chat:
@@ -267,9 +262,22 @@ async def _stream(
             yield _chunk(chunk_id, model, chat, getter.result(), None)
         else:
             getter.cancel()
+    if done.exception() is not None:
+        # The status line is sent already: report the failure as a last event, in the
+        # error shape OpenAI's clients raise from.
+        message, kind = _stream_error(done.exception())
+        yield f"data: {json.dumps({'error': {'message': message, 'type': kind}})}\n\n"
+        return
     result = done.result()
     yield _chunk(chunk_id, model, chat, "" if not chat else {}, result.finish_reason)
     yield "data: [DONE]\n\n"
+
+
+def _stream_error(exc: BaseException | None) -> tuple[str, str]:
+    if isinstance(exc, InputError | UnknownModel):
+        return str(exc), "invalid_request_error"
+    log.error("a streamed request failed: %s", exc)
+    return "the request failed on the replica", "server_error"
 
 
 def _chunk(chunk_id: str, model: str, chat: bool, delta: Any, finish: str | None) -> str:

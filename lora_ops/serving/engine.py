@@ -2,12 +2,16 @@
 
 Requests that arrive within a short window are decoded together even when they name
 different adapters: each batch row goes through its own adapter. An adapter evicted from
-the cache is loaded back from where it came from when it is asked for again. No HTTP here.
+the cache is loaded back from where it came from when it is asked for again, and must
+still match the sha256 it had when it was first loaded. The queue in front of the batcher
+is bounded: past ``max_queue`` waiting requests, new ones are refused at once
+(:class:`Overloaded`) rather than left to wait without end. No HTTP here.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import tempfile
 import threading
@@ -15,13 +19,14 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import cast
 
 from lora_ops import base_models, names
 from lora_ops.errors import InputError, LoraOpsError
 from lora_ops.lora import delete_adapter, load_adapter, lora_layers
+from lora_ops.serving import sources
 from lora_ops.serving.generation import (
     GenerationRequest,
     GenerationResult,
@@ -29,6 +34,8 @@ from lora_ops.serving.generation import (
     TokenCallback,
     generate_batch,
 )
+from lora_ops.serving.sources import AdapterSource, SourcePolicy
+from lora_ops.settings import get_settings
 from lora_ops.storage import sha256_file
 
 log = logging.getLogger(__name__)
@@ -37,16 +44,22 @@ BASE_MODEL_NAME = "base"
 WEIGHTS = "adapter_model.safetensors"
 
 
+__all__ = ["AdapterSource", "Engine", "EngineStats", "Overloaded", "UnknownModel"]
+
+
 class UnknownModel(LoraOpsError):
     """A request named a model that is neither ``base`` nor a loaded adapter."""
 
 
-@dataclass(frozen=True)
-class AdapterSource:
-    """Where an adapter comes from, so an evicted one can be loaded back."""
+class Overloaded(LoraOpsError):
+    """The request queue is full; the caller should retry after ``retry_after_s``."""
 
-    uri: str  # a local folder, s3://..., or models:/adapter-<customer>@alias
-    expected_sha256: str | None = None
+    def __init__(self, limit: int, retry_after_s: int) -> None:
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"the replica is at capacity ({limit} requests waiting); retry in {retry_after_s} s"
+        )
 
 
 @dataclass
@@ -61,6 +74,7 @@ class EngineStats:
     evictions: int = 0
     generated_tokens: int = 0
     prompt_tokens: int = 0
+    rejected: int = 0  # refused because the queue was full
 
 
 @dataclass
@@ -79,7 +93,13 @@ class Engine:
         max_adapter_bytes: optional byte budget for resident adapters' weights.
         max_batch_size: most requests decoded in one batch.
         batch_window_s: how long the first request of a batch waits for company.
-        work_dir: where downloaded adapters are kept (a temporary folder by default).
+        max_queue: most requests waiting for a batch; more are refused (:class:`Overloaded`).
+        max_model_len: most tokens (prompt + completion) of one request; at most, and by
+            default, the base model's context length.
+        adapter_roots: folders local adapters must lie in; ``None`` accepts any folder
+            (in-process use), an empty sequence none (``lora-ops serve`` passes its roots).
+        bucket: the one S3 bucket adapters may come from (default: the settings' bucket).
+        work_dir: where fetched adapter files are kept while they load.
     """
 
     def __init__(
@@ -90,24 +110,33 @@ class Engine:
         max_adapter_bytes: int | None = None,
         max_batch_size: int = 16,
         batch_window_s: float = 0.01,
+        max_queue: int = 256,
+        max_model_len: int | None = None,
+        adapter_roots: Sequence[Path] | None = None,
+        bucket: str | None = None,
         work_dir: Path | None = None,
     ) -> None:
-        if max_adapters < 1 or max_batch_size < 1:
-            raise InputError("max_adapters and max_batch_size must be >= 1", field="engine")
+        if min(max_adapters, max_batch_size, max_queue) < 1:
+            raise InputError("max_adapters, max_batch_size and max_queue must be >= 1")
         self.base = str(base)
         self.tokenizer = base_models.load_tokenizer(base)
         self.model = base_models.load_model(base)
+        self.max_model_len = _context_length(self.model, max_model_len)
         self.max_adapters = max_adapters
         self.max_adapter_bytes = max_adapter_bytes
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
+        self.max_queue = max_queue
+        self.policy = SourcePolicy(adapter_roots, bucket or get_settings().bucket)
         self.stats = EngineStats()
         self._sources: dict[str, AdapterSource] = {}
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> bytes, LRU first
         self._lock = threading.RLock()  # the model: decoding, loading, evicting
         self._tmp = tempfile.TemporaryDirectory(prefix="lora-ops-adapters-")
         self.work_dir = Path(work_dir) if work_dir else Path(self._tmp.name)
-        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._queue: queue.Queue[_Pending | None] = queue.Queue(maxsize=max_queue)
+        self._closed = False
+        self._batch_s = 0.1  # running mean of one batch's time, for Retry-After
         self._worker = threading.Thread(target=self._serve, name="engine-batcher", daemon=True)
         self._worker.start()
 
@@ -128,23 +157,24 @@ class Engine:
         """Load (or replace) adapter ``name``; on any failure nothing changes.
 
         Raises:
-            InputError: bad name, missing files, checksum mismatch, or an adapter that
-                does not fit this base.
+            InputError: bad name, a refused or missing location, checksum mismatch, or an
+                adapter that does not fit this base.
+            SourceUnavailable: S3 or the registry could not be read.
         """
         names.check_customer(name)
+        self.policy.check(name, source.uri)  # before anything resident is touched
         with self._lock:
             previous = self._sources.get(name)
             if name in self._resident:
                 self._evict(name)
             self._sources[name] = source
-            try:
-                self._ensure_resident([name])
-            except BaseException:
+            failed = self._ensure_resident([name])
+            if name in failed:
                 if previous is None:
                     del self._sources[name]
                 else:
                     self._sources[name] = previous  # still loadable from where it was
-                raise
+                raise failed[name]
 
     def unload_adapter(self, name: str) -> None:
         with self._lock:
@@ -155,12 +185,24 @@ class Engine:
             del self._sources[name]
 
     def _make_resident(self, name: str, source: AdapterSource) -> None:
-        folder = self._fetch(name, source)
-        if source.expected_sha256 and sha256_file(folder / WEIGHTS) != source.expected_sha256:
-            raise InputError(
-                f"{WEIGHTS} does not match the sha256 recorded for it", file=source.uri
-            )
-        load_adapter(self.model, folder, name)
+        folder = sources.fetch(name, source, self.policy, self.work_dir)
+        try:
+            if not (folder / WEIGHTS).is_file():
+                raise InputError(f"no {WEIGHTS} in the adapter", file=source.uri)
+            digest = sha256_file(folder / WEIGHTS)
+            if source.expected_sha256 and digest != source.expected_sha256:
+                raise InputError(
+                    f"{WEIGHTS} does not match the sha256 recorded for it", file=source.uri
+                )
+            load_adapter(self.model, folder, name)
+        except InputError as exc:
+            _point_at_source(exc, folder, source.uri)
+            raise
+        finally:
+            sources.discard(folder, self.work_dir)
+        if source.expected_sha256 is None:
+            # Pin what was served first: a reload after eviction must be the same adapter.
+            self._sources[name] = replace(source, expected_sha256=digest)
         size = sum(
             (layer.weight_a(name).nbytes + layer.weight_b(name).nbytes)
             for _, layer in lora_layers(self.model)
@@ -168,32 +210,26 @@ class Engine:
         )
         self._resident[name] = size
 
-    def _fetch(self, name: str, source: AdapterSource) -> Path:
-        if source.uri.startswith("s3://"):
-            from lora_ops.storage import Storage
-
-            target = self.work_dir / name
-            Storage.from_settings().download_dir(source.uri, target)  # sha256 per file
-            return target
-        if source.uri.startswith("models:/"):
-            from lora_ops.registry import Registry
-
-            return Registry().download_adapter(source.uri, self.work_dir / name)
-        folder = Path(source.uri)
-        if not folder.is_dir():
-            raise InputError("no such adapter folder", file=source.uri)
-        return folder
-
     def _evict(self, name: str) -> None:
         delete_adapter(self.model, name)
         del self._resident[name]
 
-    def _ensure_resident(self, wanted: Sequence[str]) -> None:
-        """Make ``wanted`` resident, evicting least recently used adapters not wanted."""
+    def _ensure_resident(self, wanted: Sequence[str]) -> dict[str, Exception]:
+        """Make ``wanted`` resident, evicting least recently used adapters not wanted.
+
+        Returns:
+            The adapters that could not be made resident, with why: the caller fails
+            only their requests, so one bad adapter does not fail its batch-mates.
+        """
+        failed: dict[str, Exception] = {}
         for name in wanted:
             if name in self._resident:
                 self.stats.cache_hits += 1
                 self._resident.move_to_end(name)
+                continue
+            source = self._sources.get(name)
+            if source is None:  # unloaded while its requests waited
+                failed[name] = UnknownModel(f"the model {name!r} does not exist")
                 continue
             self.stats.cache_misses += 1
             while self._over_budget(extra=1):
@@ -202,7 +238,12 @@ class Engine:
                     break
                 self._evict(victim)
                 self.stats.evictions += 1
-            self._make_resident(name, self._sources[name])
+            try:
+                self._make_resident(name, source)
+            except Exception as exc:
+                log.warning("adapter %s could not be loaded from %s: %s", name, source.uri, exc)
+                failed[name] = exc
+        return failed
 
     def _over_budget(self, extra: int) -> bool:
         count = len(self._resident) + extra > self.max_adapters
@@ -223,6 +264,13 @@ class Engine:
     def encode_text(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
+    def room(self, prompt_tokens: int) -> int:
+        """How many tokens a request with this prompt may still generate."""
+        return self.max_model_len - prompt_tokens
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
     def submit(
         self,
         prompt_ids: list[int],
@@ -230,38 +278,86 @@ class Engine:
         params: SamplingParams | None = None,
         on_text: TokenCallback | None = None,
     ) -> Future[GenerationResult]:
-        """Queue one request; the future resolves when its batch has finished it."""
+        """Queue one request; the future resolves when its batch has finished it.
+
+        Raises:
+            UnknownModel: ``model`` is neither ``base`` nor a loaded adapter.
+            InputError: an empty prompt, or prompt + max_tokens beyond ``max_model_len``.
+            Overloaded: ``max_queue`` requests are already waiting.
+        """
         adapter = None if model == BASE_MODEL_NAME else model
         if adapter is not None and adapter not in self._sources:
             raise UnknownModel(f"the model {model!r} does not exist")
+        params = params or SamplingParams()
+        self._check_fits(len(prompt_ids), params.max_tokens)
+        if self._closed:
+            raise LoraOpsError("the replica is shutting down")
         future: Future[GenerationResult] = Future()
-        request = GenerationRequest(prompt_ids, adapter, params or SamplingParams())
-        self._queue.put(_Pending(request, future, on_text))
+        request = GenerationRequest(prompt_ids, adapter, params)
+        try:
+            self._queue.put_nowait(_Pending(request, future, on_text))
+        except queue.Full:
+            self.stats.rejected += 1
+            raise Overloaded(self.max_queue, self._retry_after_s()) from None
         return future
 
+    def _check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        # Checked here, not in the batch: a bad request must not fail its batch-mates.
+        if prompt_tokens == 0:
+            raise InputError("the prompt holds no tokens", field="prompt")
+        if prompt_tokens + max_tokens > self.max_model_len:
+            raise InputError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the "
+                f"prompt has {prompt_tokens} and max_tokens asks for {max_tokens} more",
+                field="max_tokens",
+            )
+
+    def _retry_after_s(self) -> int:
+        batches_ahead = self._queue.qsize() / self.max_batch_size
+        return max(1, math.ceil(batches_ahead * self._batch_s))
+
     def close(self) -> None:
-        self._queue.put(None)
+        self._closed = True
+        try:
+            self._queue.put(None, timeout=30)  # the batcher frees a slot within a batch
+        except queue.Full:
+            log.error("the batcher did not take the stop signal")
         self._worker.join(timeout=30)
         self._tmp.cleanup()
 
     def _serve(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            deadline = time.monotonic() + self.batch_window_s
-            while len(batch) < self.max_batch_size:
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._queue.put(None)
-                    break
-                batch.append(item)
+        stopping = False
+        while not stopping:
+            batch, stopping = self._gather()
             for group in self._fit_cache(batch):
                 self._run(group)
+        self._fail_waiting()
+
+    def _gather(self) -> tuple[list[_Pending], bool]:
+        """The next batch, and whether the stop signal came with it."""
+        first = self._queue.get()
+        if first is None:
+            return [], True
+        batch = [first]
+        deadline = time.monotonic() + self.batch_window_s
+        while len(batch) < self.max_batch_size:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _fail_waiting(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item.future.set_running_or_notify_cancel():
+                item.future.set_exception(LoraOpsError("the replica is shutting down"))
 
     def _fit_cache(self, batch: list[_Pending]) -> list[list[_Pending]]:
         """Split a batch so no part needs more adapters than the cache holds."""
@@ -281,23 +377,33 @@ class Engine:
         live = [item for item in group if item.future.set_running_or_notify_cancel()]
         if not live:
             return
-        try:
-            with self._lock:
-                wanted = list(dict.fromkeys(i.request.adapter for i in live if i.request.adapter))
-                self._ensure_resident(wanted)
-                results = generate_batch(
-                    self.model,
-                    self.tokenizer,
-                    [i.request for i in live],
-                    on_text=lambda row, text: _forward(live, row, text),
-                )
-        except Exception as exc:  # every waiting caller hears of it; the engine lives on
-            log.exception("batch of %d failed", len(live))
+        started = time.monotonic()
+        with self._lock:
+            wanted = list(dict.fromkeys(i.request.adapter for i in live if i.request.adapter))
+            failed = self._ensure_resident(wanted)
             for item in live:
+                if item.request.adapter in failed:
+                    item.future.set_exception(failed[item.request.adapter])
+            ready = [item for item in live if item.request.adapter not in failed]
+            if ready:
+                self._decode(ready)
+        self._batch_s = 0.8 * self._batch_s + 0.2 * (time.monotonic() - started)
+
+    def _decode(self, ready: list[_Pending]) -> None:
+        try:
+            results = generate_batch(
+                self.model,
+                self.tokenizer,
+                [i.request for i in ready],
+                on_text=lambda row, text: _forward(ready, row, text),
+            )
+        except Exception as exc:  # every waiting caller hears of it; the engine lives on
+            log.exception("batch of %d failed", len(ready))
+            for item in ready:
                 item.future.set_exception(exc)
             return
-        self._count(live, results)
-        for item, result in zip(live, results, strict=True):
+        self._count(ready, results)
+        for item, result in zip(ready, results, strict=True):
             item.future.set_result(result)
 
     def _count(self, live: list[_Pending], results: list[GenerationResult]) -> None:
@@ -308,7 +414,30 @@ class Engine:
         self.stats.prompt_tokens += sum(r.prompt_tokens for r in results)
 
 
+def _context_length(model: object, wanted: int | None) -> int:
+    """``wanted``, or the model's own context length, which it may not exceed."""
+    config = getattr(model, "config", None)
+    limit = int(getattr(config, "max_position_embeddings", 0) or 2048)
+    if wanted is None:
+        return limit
+    if not 1 < wanted <= limit:
+        raise InputError(f"must be between 2 and the model's {limit}", field="max_model_len")
+    return wanted
+
+
+def _point_at_source(exc: InputError, fetched: Path, uri: str) -> None:
+    """Name the adapter's own location in ``exc``, not the private copy it was read from."""
+    if exc.file is not None and exc.file.startswith(str(fetched)):
+        exc.file = uri + exc.file.removeprefix(str(fetched))
+        exc.args = (exc.render(),)
+
+
 def _forward(live: list[_Pending], row: int, text: str) -> None:
     callback = live[row].on_text
-    if callback is not None:
+    if callback is None:
+        return
+    try:
         callback(row, text)
+    except Exception:  # a listener that went away must not fail its batch-mates
+        log.debug("dropping the text listener of row %d", row, exc_info=True)
+        live[row].on_text = None

@@ -18,6 +18,10 @@ from lora_ops.errors import InputError
 from lora_ops.evaluate import autocast_for
 from lora_ops.lora import adapters_in_use
 
+# Dividing logits by a temperature this small overflows to inf (then NaN probabilities);
+# the distribution it asks for is the argmax anyway. vLLM draws the same line.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -67,19 +71,22 @@ class _Row:
         self.text = ""
         self.finish_reason: str | None = None
         self.generator: torch.Generator | None = None
-        if request.params.temperature > 0:
+        if request.params.temperature >= GREEDY_BELOW:
             self.generator = torch.Generator(device=device)
             seed = request.params.seed
-            self.generator.manual_seed(seed if seed is not None else torch.seed())
+            # torch takes seeds in [-2**63, 2**64); any other integer folds into that range.
+            seed = seed % 2**64 if seed is not None else torch.seed()
+            self.generator.manual_seed(seed)
 
     def pick(self, logits: torch.Tensor) -> int:
         params = self.request.params
-        if params.temperature == 0:
+        if params.temperature < GREEDY_BELOW:
             return int(torch.argmax(logits))
         probs = torch.softmax(logits.float() / params.temperature, dim=-1)
         if params.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)
             keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
+            keep[0] = True  # a top_p that rounds to 0 in float32 still keeps the likeliest
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
         return int(torch.multinomial(probs, 1, generator=self.generator))
 

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import pickle
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,67 +11,28 @@ import httpx
 import openai
 import pytest
 
-from lora_ops import base_models
-from lora_ops.lora import LoraSpec, apply_lora, save_adapter
 from lora_ops.storage import sha256_file
-from tests.helpers import randomize_adapter
-from tests.integration.conftest import free_port
+from tests.serving.replicas import TOKEN, Replica, make_adapters
 
 pytestmark = pytest.mark.integration
-TOKEN = "replica-admin-token-for-tests"
 
 
 @pytest.fixture(scope="module")
 def adapters(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("adapters")
-    out = {}
-    for seed, name in enumerate(["acme", "globex", "initech"]):
-        model = base_models.load_model(tiny_base, "cpu")
-        apply_lora(model, LoraSpec(r=4, alpha=8), adapter=name)
-        randomize_adapter(model, name, seed=seed, std=0.3)
-        out[name] = save_adapter(
-            model, root / name, adapter=name, base_model_name_or_path="tiny-llama"
-        )
-    return out
+    return make_adapters(
+        tiny_base, tmp_path_factory.mktemp("adapters"), ["acme", "globex", "initech"]
+    )
 
 
 @pytest.fixture(scope="module")
-def replica(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
+def replica(
+    tiny_base: Path, adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     log = tmp_path_factory.mktemp("replica") / "replica.log"
-    env = {**os.environ, "LORA_OPS_ADMIN_TOKEN": TOKEN}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from lora_ops.cli import main; main()",
-            "serve",
-            "--base",
-            str(tiny_base),
-            "--port",
-            str(port),
-            "--batch-window-ms",
-            "200",
-            "--no-bootstrap",
-        ],
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert process.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "replica did not start"
-        time.sleep(0.2)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    root = adapters["acme"].parent
+    args = ["--batch-window-ms", "200", "--adapter-root", str(root)]
+    with Replica(tiny_base, log, args) as running:
+        yield running.url
 
 
 def admin(
@@ -163,7 +120,7 @@ def test_concurrent_requests_share_batches(client: openai.OpenAI, replica: str) 
 
 
 def test_admin_needs_the_token_and_bad_adapters_are_refused(
-    client: openai.OpenAI, replica: str, adapters: dict[str, Path], tmp_path: Path
+    client: openai.OpenAI, replica: str, adapters: dict[str, Path]
 ) -> None:
     body = {"lora_name": "hooli", "lora_path": str(adapters["acme"])}
     assert admin(replica, "/v1/load_lora_adapter", body, token=None).status_code == 401
@@ -175,7 +132,7 @@ def test_admin_needs_the_token_and_bad_adapters_are_refused(
     tampered = admin(replica, "/v1/load_lora_adapter", {**body, "sha256": "0" * 64})
     assert tampered.status_code == 400
     assert "does not match the sha256" in tampered.json()["error"]["message"]
-    pickled = tmp_path / "pickled"
+    pickled = adapters["acme"].parent / "pickled"  # inside the adapter root
     pickled.mkdir()
     (pickled / "adapter_config.json").write_bytes(
         (adapters["acme"] / "adapter_config.json").read_bytes()
