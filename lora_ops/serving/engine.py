@@ -1,11 +1,10 @@
 """The serving engine: one base model, an LRU cache of adapters, and a request batcher.
 
 Requests that arrive within a short window are decoded together even when they name
-different adapters: each batch row goes through its own adapter. An adapter evicted from
-the cache is loaded back from where it came from when it is asked for again, and must
-still match the sha256 it had when it was first loaded. The queue in front of the batcher
-is bounded: past ``max_queue`` waiting requests, new ones are refused at once
-(:class:`Overloaded`) rather than left to wait without end. No HTTP here.
+different adapters: each batch row goes through its own adapter, made resident by the
+cache (:mod:`lora_ops.serving.cache`). The queue in front of the batcher is bounded: past
+``max_queue`` waiting requests, new ones are refused at once (:class:`Overloaded`) rather
+than left to wait without end. No HTTP here.
 """
 
 from __future__ import annotations
@@ -16,17 +15,16 @@ import queue
 import tempfile
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from lora_ops import base_models, names
+from lora_ops import base_models
 from lora_ops.errors import InputError, LoraOpsError
-from lora_ops.lora import delete_adapter, load_adapter, lora_layers
-from lora_ops.serving import sources
+from lora_ops.serving.cache import AdapterCache, CacheStats, UnknownModel
 from lora_ops.serving.generation import (
     GenerationRequest,
     GenerationResult,
@@ -36,19 +34,11 @@ from lora_ops.serving.generation import (
 )
 from lora_ops.serving.sources import AdapterSource, SourcePolicy
 from lora_ops.settings import get_settings
-from lora_ops.storage import sha256_file
 
 log = logging.getLogger(__name__)
 
 BASE_MODEL_NAME = "base"
-WEIGHTS = "adapter_model.safetensors"
-
-
 __all__ = ["AdapterSource", "Engine", "EngineStats", "Overloaded", "UnknownModel"]
-
-
-class UnknownModel(LoraOpsError):
-    """A request named a model that is neither ``base`` nor a loaded adapter."""
 
 
 class Overloaded(LoraOpsError):
@@ -63,15 +53,12 @@ class Overloaded(LoraOpsError):
 
 
 @dataclass
-class EngineStats:
+class EngineStats(CacheStats):
     """Counters the HTTP layer exports as Prometheus metrics."""
 
     requests: int = 0
     batches: int = 0
     batch_sizes: Counter[int] = field(default_factory=Counter)  # size -> batches
-    cache_hits: int = 0
-    cache_misses: int = 0
-    evictions: int = 0
     generated_tokens: int = 0
     prompt_tokens: int = 0
     rejected: int = 0  # refused because the queue was full
@@ -123,17 +110,17 @@ class Engine:
         self.model = base_models.load_model(base)
         self.max_model_len = _context_length(self.model, max_model_len)
         self.max_adapters = max_adapters
-        self.max_adapter_bytes = max_adapter_bytes
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
         self.max_queue = max_queue
-        self.policy = SourcePolicy(adapter_roots, bucket or get_settings().bucket)
         self.stats = EngineStats()
-        self._sources: dict[str, AdapterSource] = {}
-        self._resident: OrderedDict[str, int] = OrderedDict()  # name -> bytes, LRU first
         self._lock = threading.RLock()  # the model: decoding, loading, evicting
         self._tmp = tempfile.TemporaryDirectory(prefix="lora-ops-adapters-")
         self.work_dir = Path(work_dir) if work_dir else Path(self._tmp.name)
+        policy = SourcePolicy(adapter_roots, bucket or get_settings().bucket)
+        self.cache = AdapterCache(
+            self.model, policy, self.work_dir, self.stats, max_adapters, max_adapter_bytes
+        )
         self._queue: queue.Queue[_Pending | None] = queue.Queue(maxsize=max_queue)
         self._closed = False
         self._batch_s = 0.1  # running mean of one batch's time, for Retry-After
@@ -144,14 +131,14 @@ class Engine:
 
     def models(self) -> list[str]:
         """``base`` and every adapter name this engine can serve."""
-        return [BASE_MODEL_NAME, *sorted(self._sources)]
+        return [BASE_MODEL_NAME, *sorted(self.cache.sources)]
 
     def source_of(self, name: str) -> str:
         """Where adapter ``name`` was loaded from (vLLM reports it as the model's root)."""
-        return self._sources[name].uri
+        return self.cache.sources[name].uri
 
     def resident_adapters(self) -> list[str]:
-        return list(self._resident)
+        return list(self.cache.resident)
 
     def load_adapter(self, name: str, source: AdapterSource) -> None:
         """Load (or replace) adapter ``name``; on any failure nothing changes.
@@ -161,96 +148,12 @@ class Engine:
                 adapter that does not fit this base.
             SourceUnavailable: S3 or the registry could not be read.
         """
-        names.check_customer(name)
-        self.policy.check(name, source.uri)  # before anything resident is touched
         with self._lock:
-            previous = self._sources.get(name)
-            if name in self._resident:
-                self._evict(name)
-            self._sources[name] = source
-            failed = self._ensure_resident([name])
-            if name in failed:
-                if previous is None:
-                    del self._sources[name]
-                else:
-                    self._sources[name] = previous  # still loadable from where it was
-                raise failed[name]
+            self.cache.load(name, source)
 
     def unload_adapter(self, name: str) -> None:
         with self._lock:
-            if name not in self._sources:
-                raise UnknownModel(f"no adapter named {name!r} is loaded")
-            if name in self._resident:
-                self._evict(name)
-            del self._sources[name]
-
-    def _make_resident(self, name: str, source: AdapterSource) -> None:
-        folder = sources.fetch(name, source, self.policy, self.work_dir)
-        try:
-            if not (folder / WEIGHTS).is_file():
-                raise InputError(f"no {WEIGHTS} in the adapter", file=source.uri)
-            digest = sha256_file(folder / WEIGHTS)
-            if source.expected_sha256 and digest != source.expected_sha256:
-                raise InputError(
-                    f"{WEIGHTS} does not match the sha256 recorded for it", file=source.uri
-                )
-            load_adapter(self.model, folder, name)
-        except InputError as exc:
-            _point_at_source(exc, folder, source.uri)
-            raise
-        finally:
-            sources.discard(folder, self.work_dir)
-        if source.expected_sha256 is None:
-            # Pin what was served first: a reload after eviction must be the same adapter.
-            self._sources[name] = replace(source, expected_sha256=digest)
-        size = sum(
-            (layer.weight_a(name).nbytes + layer.weight_b(name).nbytes)
-            for _, layer in lora_layers(self.model)
-            if name in layer.specs
-        )
-        self._resident[name] = size
-
-    def _evict(self, name: str) -> None:
-        delete_adapter(self.model, name)
-        del self._resident[name]
-
-    def _ensure_resident(self, wanted: Sequence[str]) -> dict[str, Exception]:
-        """Make ``wanted`` resident, evicting least recently used adapters not wanted.
-
-        Returns:
-            The adapters that could not be made resident, with why: the caller fails
-            only their requests, so one bad adapter does not fail its batch-mates.
-        """
-        failed: dict[str, Exception] = {}
-        for name in wanted:
-            if name in self._resident:
-                self.stats.cache_hits += 1
-                self._resident.move_to_end(name)
-                continue
-            source = self._sources.get(name)
-            if source is None:  # unloaded while its requests waited
-                failed[name] = UnknownModel(f"the model {name!r} does not exist")
-                continue
-            self.stats.cache_misses += 1
-            while self._over_budget(extra=1):
-                victim = next((n for n in self._resident if n not in wanted), None)
-                if victim is None:
-                    break
-                self._evict(victim)
-                self.stats.evictions += 1
-            try:
-                self._make_resident(name, source)
-            except Exception as exc:
-                log.warning("adapter %s could not be loaded from %s: %s", name, source.uri, exc)
-                failed[name] = exc
-        return failed
-
-    def _over_budget(self, extra: int) -> bool:
-        count = len(self._resident) + extra > self.max_adapters
-        size = self.max_adapter_bytes is not None and (
-            sum(self._resident.values()) > self.max_adapter_bytes
-        )
-        return count or size
+            self.cache.unload(name)
 
     # -- requests -------------------------------------------------------------------------
 
@@ -286,7 +189,7 @@ class Engine:
             Overloaded: ``max_queue`` requests are already waiting.
         """
         adapter = None if model == BASE_MODEL_NAME else model
-        if adapter is not None and adapter not in self._sources:
+        if adapter is not None and adapter not in self.cache.sources:
             raise UnknownModel(f"the model {model!r} does not exist")
         params = params or SamplingParams()
         self._check_fits(len(prompt_ids), params.max_tokens)
@@ -380,7 +283,7 @@ class Engine:
         started = time.monotonic()
         with self._lock:
             wanted = list(dict.fromkeys(i.request.adapter for i in live if i.request.adapter))
-            failed = self._ensure_resident(wanted)
+            failed = self.cache.ensure_resident(wanted)
             for item in live:
                 if item.request.adapter in failed:
                     item.future.set_exception(failed[item.request.adapter])
@@ -423,13 +326,6 @@ def _context_length(model: object, wanted: int | None) -> int:
     if not 1 < wanted <= limit:
         raise InputError(f"must be between 2 and the model's {limit}", field="max_model_len")
     return wanted
-
-
-def _point_at_source(exc: InputError, fetched: Path, uri: str) -> None:
-    """Name the adapter's own location in ``exc``, not the private copy it was read from."""
-    if exc.file is not None and exc.file.startswith(str(fetched)):
-        exc.file = uri + exc.file.removeprefix(str(fetched))
-        exc.args = (exc.render(),)
 
 
 def _forward(live: list[_Pending], row: int, text: str) -> None:
