@@ -137,6 +137,10 @@ class RegistryUnavailable(LoraOpsError):
     """The MLflow server could not be reached (down, restarting, or the network)."""
 
 
+class ArtifactsUnavailable(LoraOpsError):
+    """MLflow could not hand out a run's or model's files."""
+
+
 # Words requests/urllib3 use when no answer came at all, as opposed to an answer saying no.
 _UNREACHABLE = ("Max retries exceeded", "Connection refused", "Failed to establish", "timed out")
 
@@ -300,7 +304,21 @@ class Registry:
     def download_run_artifacts(self, run_id: str, artifact_path: str, dst: Path) -> Path:
         """Download ``artifact_path`` of a run into ``dst``; returns the local path."""
         dst.mkdir(parents=True, exist_ok=True)
-        return Path(self.client.download_artifacts(run_id, artifact_path, str(dst)))
+        with self._artifact_errors_explained(f"{artifact_path} of run {run_id}"):
+            return Path(self.client.download_artifacts(run_id, artifact_path, str(dst)))
+
+    @contextmanager
+    def _artifact_errors_explained(self, what: str) -> Iterator[None]:
+        """MLflow reports an artifact store it cannot reach as a wrong path; say both."""
+        try:
+            yield
+        except RegistryUnavailable:
+            raise
+        except MlflowException as exc:
+            raise ArtifactsUnavailable(
+                f"MLflow at {self.tracking_uri} could not serve {what}: {exc.message} (when "
+                "the path is right, its artifact store, S3, is down or refusing access)"
+            ) from exc
 
     # -- registered versions --------------------------------------------------------------
 
@@ -566,9 +584,10 @@ class Registry:
         uri = self._artifact_uri(source)
         dst = Path(dst)
         dst.mkdir(parents=True, exist_ok=True)
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(dst), tracking_uri=self.tracking_uri
-        )
+        with self._artifact_errors_explained(uri):
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(dst), tracking_uri=self.tracking_uri
+            )
         return peft_folder_in(Path(local))
 
     def _artifact_uri(self, source: str | tuple[str, str | int]) -> str:
