@@ -32,7 +32,7 @@ from lora_ops.serving.generation import (
     TokenCallback,
     generate_batch,
 )
-from lora_ops.serving.sources import AdapterSource, SourcePolicy
+from lora_ops.serving.sources import AdapterSource, SourcePolicy, SourceUnavailable
 from lora_ops.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -286,7 +286,7 @@ class Engine:
             failed = self.cache.ensure_resident(wanted)
             for item in live:
                 if item.request.adapter in failed:
-                    item.future.set_exception(failed[item.request.adapter])
+                    item.future.set_exception(_for_caller(item.request.adapter, failed))
             ready = [item for item in live if item.request.adapter not in failed]
             if ready:
                 self._decode(ready)
@@ -326,6 +326,18 @@ def _context_length(model: object, wanted: int | None) -> int:
     if not 1 < wanted <= limit:
         raise InputError(f"must be between 2 and the model's {limit}", field="max_model_len")
     return wanted
+
+
+def _for_caller(name: str, failed: dict[str, Exception]) -> Exception:
+    """What a request hears when its adapter could not be loaded back.
+
+    Not the cause itself: that names the server's paths and stores, and the caller's
+    request was fine. The cause is in the replica's log.
+    """
+    cause = failed[name]
+    if isinstance(cause, UnknownModel):
+        return cause
+    return SourceUnavailable(f"the adapter {name!r} cannot be served right now")
 
 
 def _forward(live: list[_Pending], row: int, text: str) -> None:

@@ -11,7 +11,7 @@ import pytest
 from lora_ops.errors import InputError
 from lora_ops.serving.engine import AdapterSource, Engine, UnknownModel
 from lora_ops.serving.generation import SamplingParams
-from lora_ops.serving.sources import SourcePolicy
+from lora_ops.serving.sources import SourcePolicy, SourceUnavailable
 from lora_ops.storage import sha256_file
 from tests.serving.replicas import make_adapters
 
@@ -118,20 +118,23 @@ def test_a_reload_after_eviction_verifies_the_given_sha256(engine: Engine, root:
     assert engine.resident_adapters() == ["globex"]
     shutil.copy(root / "globex" / "adapter_model.safetensors", weights)  # changed on disk
     asked = engine.submit(engine.encode_text("Hi"), "acme", PARAMS)
-    with pytest.raises(InputError, match="does not match the sha256"):
+    with pytest.raises(SourceUnavailable, match="'acme' cannot be served right now"):
         asked.result(timeout=60)
-    assert engine.resident_adapters() == ["globex"]
+    assert engine.resident_adapters() == ["globex"]  # verified before anything was evicted
 
 
-def test_without_a_sha256_the_first_load_is_pinned(engine: Engine, root: Path) -> None:
+def test_without_a_sha256_the_first_load_is_pinned(
+    engine: Engine, root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     engine.load_adapter("acme", AdapterSource(str(root / "acme")))
     engine.load_adapter("globex", AdapterSource(str(root / "globex")))  # evicts acme
     shutil.copy(
         root / "globex" / "adapter_model.safetensors", root / "acme" / "adapter_model.safetensors"
     )
     asked = engine.submit(engine.encode_text("Hi"), "acme", PARAMS)
-    with pytest.raises(InputError, match="does not match the sha256"):
+    with pytest.raises(SourceUnavailable):
         asked.result(timeout=60)
+    assert "does not match the sha256" in caplog.text  # the cause, for the operator
 
 
 def test_a_failed_reload_fails_only_its_own_requests(
@@ -144,7 +147,7 @@ def test_a_failed_reload_fails_only_its_own_requests(
         (root / "acme" / "adapter_model.safetensors").write_bytes(b"changed")
         prompt = engine.encode_text("Hi")
         futures = {m: engine.submit(prompt, m, PARAMS) for m in ("acme", "globex", "base")}
-        with pytest.raises(InputError):
+        with pytest.raises(SourceUnavailable):
             futures["acme"].result(timeout=60)
         assert futures["globex"].result(timeout=60).finish_reason in {"stop", "length"}
         assert futures["base"].result(timeout=60).finish_reason in {"stop", "length"}
