@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 
 from lora_ops.errors import AdapterMismatchError, InputError
@@ -189,7 +189,9 @@ def read_adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
         hint = f" ({pickles[0]} is a pickle file and is never loaded)" if pickles else ""
         raise InputError(f"no {WEIGHTS_NAME} in the adapter folder{hint}", file=folder)
     try:
-        return load_file(path)
+        # From bytes, not load_file: safetensors 0.8's file loader keeps ~1 KB per call,
+        # which a replica loading adapters back after evictions piles up for ever.
+        return load(path.read_bytes())
     except Exception as exc:  # safetensors raises its own error types for bad headers
         raise InputError(f"not a readable safetensors file: {exc}", file=path) from None
 

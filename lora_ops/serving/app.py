@@ -25,7 +25,7 @@ from lora_ops.errors import InputError, LoraOpsError
 from lora_ops.serving import schemas
 from lora_ops.serving.access import Access, AccessDenied, KeyGrant
 from lora_ops.serving.engine import AdapterSource, Engine, Overloaded, UnknownModel
-from lora_ops.serving.generation import GenerationResult
+from lora_ops.serving.generation import GenerationResult, SamplingParams
 from lora_ops.serving.limits import BodyLimit, BodyTooLarge
 from lora_ops.serving.metrics import replica_metrics
 from lora_ops.serving.openapi import ADMIN_RESPONSES, INFERENCE_RESPONSES, document_errors
@@ -90,8 +90,10 @@ def create_app(
         if grant is None or grant.allow_base:
             cards.append(("base", engine.base, None))
         for name in engine.models()[1:]:
-            if grant is None or grant.allows(name):
+            if grant is None:
                 cards.append((name, engine.source_of(name), "base"))
+            elif grant.allows(name):  # a customer does not learn the replica's paths
+                cards.append((name, name, "base"))
         data = [
             schemas.ModelCard(
                 id=name, object="model", created=now, owned_by="lora-ops", root=root, parent=parent
@@ -211,16 +213,7 @@ async def _respond(
         limit = max(1, min(DEFAULT_MAX_TOKENS, engine.room(len(ids))))
     params = body.model_copy(update={"max_tokens": limit}).sampling(DEFAULT_MAX_TOKENS)
     if body.stream:
-        # Queued before the response starts, so a refusal is still an HTTP error status.
-        pieces: asyncio.Queue[str] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-
-        def on_text(_: int, text: str) -> None:
-            loop.call_soon_threadsafe(pieces.put_nowait, text)
-
-        future = engine.submit(ids, body.model, params, on_text=on_text)
-        events = _stream(body.model, future, pieces, chat)
-        return StreamingResponse(events, media_type="text/event-stream")
+        return await _start_stream(engine, body.model, ids, params, chat)
     result = await asyncio.wrap_future(engine.submit(ids, body.model, params))
     return _completion_body(body.model, result, chat)
 
@@ -246,11 +239,40 @@ def _completion_body(model: str, result: GenerationResult, chat: bool) -> dict[s
     }
 
 
+async def _start_stream(
+    engine: Engine, model: str, ids: list[int], params: SamplingParams, chat: bool
+) -> StreamingResponse:
+    """Queue the request and wait for its first text before the status line is sent.
+
+    A refusal (a full queue) or a failure before any text (an adapter that cannot be
+    loaded back) is then still an HTTP error status, not a broken stream.
+    """
+    pieces: asyncio.Queue[str] = asyncio.Queue()
+    first_text = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def put(text: str) -> None:
+        pieces.put_nowait(text)
+        first_text.set()
+
+    def on_text(_: int, text: str) -> None:
+        loop.call_soon_threadsafe(put, text)
+
+    done = asyncio.wrap_future(engine.submit(ids, model, params, on_text=on_text))
+    started: asyncio.Future[Any] = asyncio.ensure_future(first_text.wait())
+    waiting: set[asyncio.Future[Any]] = {started, done}
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    started.cancel()
+    failure = done.exception() if done.done() and pieces.empty() else None
+    if failure is not None:
+        raise failure
+    return StreamingResponse(_stream(model, done, pieces, chat), media_type="text/event-stream")
+
+
 async def _stream(
-    model: str, future: Any, pieces: asyncio.Queue[str], chat: bool
+    model: str, done: asyncio.Future[GenerationResult], pieces: asyncio.Queue[str], chat: bool
 ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk shape, ending with ``data: [DONE]``."""
-    done = asyncio.wrap_future(future)
     chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     if chat:
         yield _chunk(chunk_id, model, chat, {"role": "assistant", "content": ""}, None)
@@ -263,8 +285,8 @@ async def _stream(
         else:
             getter.cancel()
     if done.exception() is not None:
-        # The status line is sent already: report the failure as a last event, in the
-        # error shape OpenAI's clients raise from.
+        # Failed after the first text: the status line is sent already, so the failure
+        # is a last event, in the error shape OpenAI's clients raise from.
         message, kind = _stream_error(done.exception())
         yield f"data: {json.dumps({'error': {'message': message, 'type': kind}})}\n\n"
         return

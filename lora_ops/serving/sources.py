@@ -133,7 +133,9 @@ def fetch(name: str, source: AdapterSource, policy: SourcePolicy, work_dir: Path
 
 def discard(folder: Path, work_dir: Path) -> None:
     """Remove a folder :func:`fetch` made (the per-fetch folder right under ``work_dir``)."""
-    while folder.parent != work_dir and work_dir in folder.parents:
+    if work_dir not in folder.parents:
+        return  # never remove anything that is not the engine's own
+    while folder.parent != work_dir:
         folder = folder.parent
     shutil.rmtree(folder, ignore_errors=True)
 

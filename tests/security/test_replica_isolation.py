@@ -127,12 +127,16 @@ def test_customer_keys_reach_only_their_own_adapter(
 
 
 def test_customer_keys_see_only_their_own_models(replica: Replica) -> None:
-    def listed(key: str) -> list[str]:
+    def cards(key: str) -> list[dict[str, str]]:
         headers = {"Authorization": f"Bearer {key}"}
         response = httpx.get(replica.url + "/v1/models", headers=headers, timeout=30)
-        return [model["id"] for model in response.json()["data"]]
+        return list(response.json()["data"])
+
+    def listed(key: str) -> list[str]:
+        return [model["id"] for model in cards(key)]
 
     assert listed(ACME_KEY) == ["acme"]
+    assert cards(ACME_KEY)[0]["root"] == "acme"  # not the folder it was loaded from
     assert listed(GLOBEX_KEY) == ["base", "globex"]
     assert listed(TOKEN) == ["base", "acme", "globex"]
 

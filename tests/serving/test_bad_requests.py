@@ -4,6 +4,7 @@ clear 4xx in OpenAI's error shape now, and the replica serves on."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,25 @@ def test_the_schema_documents_openai_errors_not_422(client: TestClient) -> None:
     assert set(load["400"]["content"]) == {"application/json"}
     chat = schema["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert {"200", "400", "401", "403", "404", "429"} <= set(chat)
+
+
+def test_a_stream_whose_adapter_cannot_be_loaded_back_is_503(
+    tiny_base: Path, root: Path, tmp_path: Path
+) -> None:
+    for name in ("acme", "globex"):
+        shutil.copytree(root / "acme", tmp_path / name)
+    engine = Engine(tiny_base, max_adapters=1, batch_window_s=0.0, adapter_roots=[tmp_path])
+    try:
+        for name in ("acme", "globex"):
+            engine.load_adapter(name, AdapterSource(str(tmp_path / name)))  # acme evicted
+        (tmp_path / "acme" / "adapter_model.safetensors").write_bytes(b"changed on disk")
+        with TestClient(create_app(engine, ADMIN)) as client:
+            body = completion(model="acme", stream=True)
+            response = client.post("/v1/completions", json=body)
+            assert response.status_code == 503
+            assert response.json()["error"]["type"] == "service_unavailable"
+            streamed = client.post("/v1/completions", json=completion(model="globex", stream=True))
+            assert streamed.status_code == 200
+            assert streamed.text.endswith("data: [DONE]\n\n")
+    finally:
+        engine.close()
