@@ -55,7 +55,7 @@ test: $(STAMP)
 
 # The minutes-long reliability runs: every service stopped during every task, the soak.
 test-slow: $(STAMP)
-	$(PY) -m pytest -m long
+	LORA_OPS_SOAK=1 $(PY) -m pytest -m long
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m 'not slow and not long'
