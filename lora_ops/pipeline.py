@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -297,6 +298,9 @@ def _train_with_checkpoints(
                 "peak_memory_bytes": float(result.peak_memory_bytes),
                 "trainable_parameters": float(result.trainable_parameters),
                 "resumed_from_step": float(result.resumed_from_step),
+                # compute inside the run; the rest of the step's time is overhead
+                "train_step_seconds": result.step_seconds,
+                "train_eval_seconds": result.eval_seconds,
             },
         )
         history = registry.metric_history(run_id, "train_loss")
@@ -363,6 +367,7 @@ def evaluate_step(
                 work / "production",
             )
             load_adapter(model, prod_dir, "production")
+        started = time.perf_counter()
         evaluation = evaluate_adapters(
             model,
             tokenizer,
@@ -370,6 +375,7 @@ def evaluate_step(
             [p["messages"] for p in prompts],
             has_production=production is not None,
         )
+        evaluate_seconds = time.perf_counter() - started
     gate = decide_gate(
         evaluation.base_loss,
         evaluation.candidate_loss,
@@ -377,7 +383,7 @@ def evaluate_step(
         min_improvement,
         production_tolerance,
     )
-    _log_evaluation(registry, trained.run_id, gate, evaluation.generations)
+    _log_evaluation(registry, trained.run_id, gate, evaluation.generations, evaluate_seconds)
     markdown = gate_markdown(
         dataset.customer, gate, evaluation.generations, run_url=registry.run_url(trained.run_id)
     )
@@ -385,13 +391,18 @@ def evaluate_step(
 
 
 def _log_evaluation(
-    registry: Registry, run_id: str, gate: GateDecision, generations: list[dict[str, str]]
+    registry: Registry,
+    run_id: str,
+    gate: GateDecision,
+    generations: list[dict[str, str]],
+    evaluate_seconds: float,
 ) -> None:
     metrics = {
         "base_eval_loss": gate.base_loss,
         "eval_loss": gate.candidate_loss,
         "eval_perplexity": perplexity(gate.candidate_loss),
         "improvement_over_base": gate.improvement,
+        "evaluate_seconds": evaluate_seconds,  # the loss passes and generations, no loading
     }
     if gate.production_loss is not None:
         metrics["production_eval_loss"] = gate.production_loss

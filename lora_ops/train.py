@@ -58,6 +58,11 @@ class TrainResult:
     tokens_per_second: float
     peak_memory_bytes: int
     resumed_from_step: int = 0
+    # Seconds of compute: inside the optimizer steps, and inside the held-out loss passes
+    # (base and adapted). What the run spent around them (loading, logging, checkpoints)
+    # is the difference to its wall time.
+    step_seconds: float = 0.0
+    eval_seconds: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
@@ -161,7 +166,9 @@ def train_adapter(
     checkpoint_dir = checkpoint_dir or out_dir / "checkpoints"
     fingerprint = checkpoints.fingerprint(config.model_dump_json(), run_key)
     seed_everything(config.seed)
+    eval_started = time.perf_counter()
     base_loss = eval_loss(model, eval_examples, pad_id, config.batch_size)
+    eval_seconds = time.perf_counter() - eval_started
     report = apply_lora(model, config.lora)  # A drawn from the seeded generator
     log.info("%s", report)
     optimizer = torch.optim.AdamW(
@@ -189,8 +196,10 @@ def train_adapter(
         progress=progress,
         base_model_name=base_model_name,
     )
+    eval_started = time.perf_counter()
     with adapters_in_use(model, "default"):
         adapted_loss = eval_loss(model, eval_examples, pad_id, config.batch_size)
+    eval_seconds += time.perf_counter() - eval_started
     save_adapter(model, out_dir, base_model_name_or_path=base_model_name)
     result = TrainResult(
         adapter_dir=out_dir,
@@ -203,6 +212,8 @@ def train_adapter(
         tokens_per_second=losses.tokens_per_second,
         peak_memory_bytes=peak_memory_bytes(device),
         resumed_from_step=start_step,
+        step_seconds=losses.step_seconds,
+        eval_seconds=eval_seconds,
     )
     (out_dir / "training_summary.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
     return result
@@ -212,6 +223,7 @@ def train_adapter(
 class _LoopRecord:
     losses: list[float]
     tokens_per_second: float
+    step_seconds: float  # inside _optimizer_step only: no callbacks, no checkpoints
 
 
 def _run_steps(
@@ -232,7 +244,7 @@ def _run_steps(
 ) -> _LoopRecord:
     batches = micro_batches(len(examples), config, start_step)
     losses: list[float] = []
-    tokens_seen, started = 0, time.perf_counter()
+    tokens_seen, started, step_seconds = 0, time.perf_counter(), 0.0
     model.train()
     bar = tqdm(
         total=total_steps, initial=start_step, desc="train", unit="step", disable=not progress
@@ -241,7 +253,9 @@ def _run_steps(
         for step in range(start_step, total_steps):
             window = [[examples[i] for i in next(batches)] for _ in range(config.grad_accum)]
             lr = learning_rate_at(step, total_steps, config)
+            step_started = time.perf_counter()
             loss, norm = _optimizer_step(model, optimizer, window, pad_id, lr, config)
+            step_seconds += time.perf_counter() - step_started
             losses.append(loss)
             tokens_seen += sum(len(e.input_ids) for micro in window for e in micro)
             elapsed = time.perf_counter() - started
@@ -268,7 +282,9 @@ def _run_steps(
                     on_checkpoint(saved, step + 1)
     model.eval()
     elapsed = max(time.perf_counter() - started, 1e-9)
-    return _LoopRecord(losses=losses, tokens_per_second=tokens_seen / elapsed)
+    return _LoopRecord(
+        losses=losses, tokens_per_second=tokens_seen / elapsed, step_seconds=step_seconds
+    )
 
 
 def _checkpoint_due(done: int, total_steps: int, config: TrainConfig) -> bool:
