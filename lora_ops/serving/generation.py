@@ -32,6 +32,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # run to max_tokens (or a stop string), as vLLM's flag does
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_tokens <= 4096:
@@ -139,7 +140,7 @@ def _advance(
     if row.finish_reason:
         return int(tokenizer.pad_token_id)
     token = row.pick(logits)
-    if token in eos:
+    if token in eos and not row.request.params.ignore_eos:
         row.finish_reason = "stop"
         return token
     row.tokens.append(token)

@@ -22,6 +22,9 @@ class _Request(BaseModel):
     stream: bool = False
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
     user: str | None = Field(None, max_length=256)
+    ignore_eos: bool = Field(
+        False, description="vLLM's extra: keep generating past the end of turn (benchmarks)."
+    )
 
     @field_validator("stop")
     @classmethod
@@ -39,6 +42,7 @@ class _Request(BaseModel):
             top_p=self.top_p,
             stop=tuple(stops),
             seed=self.seed,
+            ignore_eos=self.ignore_eos,
         )
 
 

@@ -135,3 +135,23 @@ def test_seeded_sampling_repeats_and_stop_strings_cut(engine: Engine) -> None:
         result = cut.result(timeout=60)
         assert result.text == greedy.text[: greedy.text.find(stop)]
         assert result.finish_reason == "stop"
+
+
+def test_ignore_eos_runs_to_max_tokens(tiny_base: Path) -> None:
+    model = base_models.load_model(tiny_base, "cpu")
+    tokenizer = base_models.load_tokenizer(tiny_base)
+    prompt = [1, 2, 3]
+    first = generate_batch(model, tokenizer, [GenerationRequest(prompt, None, PARAMS)])[0]
+    # Make the token greedy decoding picks first an end of turn, then ask again.
+    model.generation_config.eos_token_id = [first.token_ids[0]]
+    stopped, kept = generate_batch(
+        model,
+        tokenizer,
+        [
+            GenerationRequest(prompt, None, PARAMS),
+            GenerationRequest(prompt, None, SamplingParams(max_tokens=8, ignore_eos=True)),
+        ],
+    )
+    assert (stopped.finish_reason, stopped.token_ids) == ("stop", [])
+    assert kept.finish_reason == "length"
+    assert kept.token_ids == first.token_ids
