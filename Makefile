@@ -60,6 +60,14 @@ test-slow: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m 'not slow and not long'
 
+# Speed and memory against PEFT, full fine-tuning and the base model; each script prints one
+# JSON line and adds a row to bench/RESULTS.md. Run on a quiet machine: they share its cores.
+BENCHES := train_step serve_mixed merged_latency adapter_load pipeline
+
+bench: $(STAMP)
+	$(LORA_OPS) base import $(DEMO_BASE)
+	set -e; for b in $(BENCHES); do $(PY) bench/$$b.py; done
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
