@@ -49,10 +49,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--base", default=BASE, help="catalogue name or transformers folder")
     parser.add_argument("--no-write", action="store_true", help="leave RESULTS.md alone")
     args = parser.parse_args()
     device = pick_device(args.device)
-    base = base_models.import_base(BASE)
+    base = base_models.resolve_base(args.base)
     tokenizer = base_models.load_tokenizer(base)
     messages = list(json.loads(SAMPLE.read_text().splitlines()[0])["messages"])
     prompt = tokenizer.apply_chat_template(

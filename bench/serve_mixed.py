@@ -147,11 +147,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--base", default=BASE, help="catalogue name or transformers folder")
     parser.add_argument("--no-write", action="store_true", help="leave RESULTS.md alone")
     args = parser.parse_args()
     device = pick_device(args.device)
     torch.manual_seed(0)
-    base = base_models.import_base(BASE)
+    base = base_models.resolve_base(args.base)
     names = [f"customer-{i:02d}" for i in range(args.requests)]
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:

@@ -27,18 +27,18 @@ from pathlib import Path
 import torch
 from common import current_rss_bytes, median, pick_device, ratio, report, sync
 
+from lora_ops import base_models
+
 BASE = "smollm2-135m-instruct"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 SYSTEMS = ("lora-ops", "peft", "full")
 
 
 def build(
-    system: str, device: torch.device, rank: int
+    system: str, device: torch.device, rank: int, base: str
 ) -> tuple[torch.nn.Module, AbstractContextManager[None]]:
     """The model to train and the context its steps run in."""
-    from lora_ops import base_models
-
-    model = base_models.load_model(base_models.import_base(BASE), device)
+    model = base_models.load_model(base_models.resolve_base(base), device)
     if system == "lora-ops":
         from lora_ops.lora import LoraSpec, adapters_in_use, apply_lora
 
@@ -82,7 +82,7 @@ def measure(system: str, device: torch.device, args: argparse.Namespace) -> dict
     from lora_ops.evaluate import autocast_for
 
     torch.manual_seed(0)
-    model, routing = build(system, device, args.rank)
+    model, routing = build(system, device, args.rank, args.base)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -126,7 +126,7 @@ def run_worker(system: str, args: argparse.Namespace) -> dict[str, object]:
         __file__,
         "--worker",
         system,
-        *("--device", str(args.device), "--rank", str(args.rank)),
+        *("--device", str(args.device), "--rank", str(args.rank), "--base", args.base),
         *("--batch", str(args.batch), "--seq", str(args.seq)),
         *("--steps", str(args.steps), "--warmup", str(args.warmup)),
     ]
@@ -146,11 +146,13 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--base", default=BASE, help="catalogue name or transformers folder")
     parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="leave RESULTS.md alone")
     args = parser.parse_args()
     device = pick_device(args.device)
     args.device = str(device)
+    args.base = str(base_models.resolve_base(args.base))  # once, before the workers start
     if args.worker:
         print(json.dumps(measure(args.worker, device, args)), flush=True)
         return

@@ -1,0 +1,110 @@
+"""The benchmarks still run: each on tiny-llama at toy sizes, its JSON line checked.
+
+No timing is asserted here (that is what the benchmarks are for); these catch a script
+that no longer runs, or that reports a figure it did not measure.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+from common import append_row, percentile  # noqa: E402
+
+
+def run_bench(script: str, *args: str) -> dict[str, object]:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), "--no-write", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    figures: dict[str, object] = json.loads(lines[-1])
+    assert figures["benchmark"] == script.removesuffix(".py")
+    assert figures["command"].startswith(f"python bench/{script}") or script in figures["command"]
+    return figures
+
+
+def test_train_step_compares_three_systems(tiny_base: Path) -> None:
+    figures = run_bench(
+        "train_step.py",
+        "--base",
+        str(tiny_base),
+        "--rounds",
+        "1",
+        "--steps",
+        "1",
+        "--seq",
+        "32",
+        "--rank",
+        "4",
+    )
+    for system in ("lora-ops", "peft", "full"):
+        assert figures[system]["step_seconds"] > 0
+    # The same adapter on the same model: both LoRA implementations train as many weights.
+    assert figures["lora-ops"]["trainable_parameters"] == figures["peft"]["trainable_parameters"]
+    assert figures["full"]["trainable_parameters"] > 10 * figures["peft"]["trainable_parameters"]
+    assert set(figures["ratios"]) >= {"step lora-ops/peft", "memory lora-ops/peft"}
+
+
+def test_serve_mixed_gives_every_contender_equal_work(tiny_base: Path) -> None:
+    figures = run_bench(
+        "serve_mixed.py",
+        "--base",
+        str(tiny_base),
+        "--rounds",
+        "1",
+        "--requests",
+        "4",
+        "--new-tokens",
+        "4",
+        "--rank",
+        "4",
+    )
+    assert set(figures["tokens_per_second"]) == {"mixed", "base", "peft_mixed", "one_at_a_time"}
+    assert all(v > 0 for v in figures["tokens_per_second"].values())
+    assert set(figures["targets_met"]) == set(figures["targets"])
+
+
+def test_merged_latency_times_base_merged_and_unmerged(tiny_base: Path) -> None:
+    figures = run_bench(
+        "merged_latency.py",
+        "--base",
+        str(tiny_base),
+        "--rounds",
+        "2",
+        "--new-tokens",
+        "4",
+        "--rank",
+        "4",
+    )
+    assert set(figures["median_ms"]) == {"base", "merged", "unmerged"}
+    assert figures["ratios"]["merged/base"] > 0
+
+
+def test_results_rows_land_in_their_own_table(tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\nprose that stays\n")
+    append_row("train_step", "| a | 1 |", results)
+    append_row("serve_mixed", "| b | 2 |", results)
+    append_row("train_step", "| c | 3 |", results)
+    text = results.read_text()
+    assert "prose that stays" in text
+    train = text.split("<!-- train_step -->")[1].split("<!-- /train_step -->")[0]
+    assert train.index("| a | 1 |") < train.index("| c | 3 |")
+    assert "| b | 2 |" not in train
+
+
+@pytest.mark.parametrize(("q", "expected"), [(0, 1.0), (50, 2.5), (100, 4.0), (99, 3.97)])
+def test_percentile_interpolates(q: float, expected: float) -> None:
+    assert percentile([4.0, 1.0, 3.0, 2.0], q) == pytest.approx(expected)
