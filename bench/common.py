@@ -8,6 +8,7 @@ that is busier in one minute than the next skews both sides alike.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -110,10 +111,8 @@ def alternate(
 def command_line() -> str:
     """The command that ran this benchmark, as one would type it from the repo root."""
     script = Path(sys.argv[0])
-    try:
+    with contextlib.suppress(ValueError):
         script = script.resolve().relative_to(Path.cwd())
-    except ValueError:
-        pass
     return shlex.join(["python", str(script), *sys.argv[1:]])
 
 
