@@ -18,7 +18,7 @@ lies outside the pipeline's step functions is Prefect's. The process's own start
 (interpreter and imports) comes on top and is reported beside it, not in the flow's total.
 
     .venv/bin/python bench/pipeline.py                      # both bases, the demo settings
-    .venv/bin/python bench/pipeline.py --bases tiny-llama --max-steps 4 --no-record
+    .venv/bin/python bench/pipeline.py --bases tiny-llama --max-steps 4 --no-write
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import functools
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -81,7 +82,7 @@ def main() -> None:
     from lora_ops import stack as embedded
 
     for base in args.bases:  # a first import converts the model: not part of any run
-        base_models.import_base(base)
+        base_models.resolve_base(base)
     with tempfile.TemporaryDirectory(prefix="lora-ops-bench-") as state:
         settings = stack_settings(Path(state) / "stack")
         embedded.up(settings)
@@ -94,12 +95,14 @@ def main() -> None:
     if SMOLLM2 in runs:
         figures["target_met"] = runs[SMOLLM2]["overhead_share"] < TARGET_SHARE
     figures["runs"] = runs
-    report("pipeline", figures, device, summary_of(runs), write=not args.no_record)
+    report("pipeline", figures, device, summary_of(runs), write=not args.no_write)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--bases", nargs="+", default=[TINY, SMOLLM2], help="base models")
+    parser.add_argument(
+        "--bases", "--base", nargs="+", default=[TINY, SMOLLM2], help="catalogue names or folders"
+    )
     parser.add_argument("--max-steps", type=int, default=60, help="optimizer steps per run")
     parser.add_argument("--checkpoint-every", type=int, default=20)
     parser.add_argument("--rank", type=int, default=16)
@@ -108,9 +111,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="cpu hides the GPU"
     )
-    parser.add_argument("--no-record", action="store_true", help="leave RESULTS.md alone")
+    parser.add_argument("--no-write", action="store_true", help="leave RESULTS.md alone")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--base", help=argparse.SUPPRESS)
+    parser.add_argument("--child-base", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--launched", type=float, help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -144,8 +147,8 @@ def child_env(service_env: dict[str, str], state: Path, device: str) -> dict[str
 
 def run_in_child(base: str, args: argparse.Namespace, env: dict[str, str], state: Path) -> Any:
     """One retrain run of ``base`` in a fresh process; its figures."""
-    result = state / f"{base}.json"
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", "--base", base]
+    result = state / f"{customer_id(base)}.json"
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", "--child-base", base]
     command += ["--result", str(result), "--max-steps", str(args.max_steps)]
     command += ["--checkpoint-every", str(args.checkpoint_every), "--rank", str(args.rank)]
     command += ["--alpha", str(args.alpha), "--lr", str(args.lr)]
@@ -285,6 +288,11 @@ def _mlflow_kind(method: str, *args: Any, **kwargs: Any) -> str:
     return "mlflow"
 
 
+def customer_id(base: str) -> str:
+    """A customer of its own for each base: ``bench-tiny-llama``."""
+    return "bench-" + re.sub(r"[^a-z0-9]+", "-", Path(base).name.lower()).strip("-")[:50]
+
+
 def run_child(args: argparse.Namespace) -> None:
     from flows.retrain import retrain
     from lora_ops.config import TrainConfig
@@ -301,15 +309,15 @@ def run_child(args: argparse.Namespace) -> None:
             "checkpoint_every": args.checkpoint_every,
         }
     )
-    customer = "bench-" + args.base.split("-", 1)[0]
+    base = args.child_base
     started = time.time()
     state = retrain(
-        customer=customer,
+        customer=customer_id(base),
         data_uri=str(SAMPLE),
-        base=args.base,
+        base=base,
         config=config,
         # tiny-llama is random: its adapter learns little, and this run measures time alone
-        min_improvement=0.05 if args.base == SMOLLM2 else 0.001,
+        min_improvement=0.05 if base == SMOLLM2 else 0.001,
         return_state=True,
     )
     ended = time.time()
