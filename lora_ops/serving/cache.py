@@ -3,13 +3,18 @@
 An adapter evicted from the model is loaded back from where it came from when it is asked
 for again, and must still match the sha256 it had when it was first loaded (the one given
 at load, or else the one it was first served with). Callers hold the engine's model lock.
+
+Memory freed by evictions is handed back to the system after every load and unload
+(:func:`release_freed_memory`), so a replica's resident memory stays at its base model
+plus the adapters it holds, however many adapters come and go.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,7 +22,7 @@ from torch import nn
 
 from lora_ops import names
 from lora_ops.errors import InputError, LoraOpsError
-from lora_ops.lora import delete_adapter, load_adapter, lora_layers
+from lora_ops.lora import LoRALinear, delete_adapter, load_adapter
 from lora_ops.serving import sources
 from lora_ops.serving.sources import AdapterSource, SourcePolicy
 from lora_ops.storage import sha256_file
@@ -92,6 +97,7 @@ class AdapterCache:
             raise UnknownModel(f"no adapter named {name!r} is loaded")
         if name in self.resident:
             self._evict(name)
+            release_freed_memory()
         del self.sources[name]
 
     def ensure_resident(self, wanted: Sequence[str]) -> dict[str, Exception]:
@@ -102,6 +108,7 @@ class AdapterCache:
             only their requests, so one bad adapter does not fail its batch-mates.
         """
         failed: dict[str, Exception] = {}
+        misses = 0
         for name in wanted:
             if name in self.resident:
                 self.stats.cache_hits += 1
@@ -112,11 +119,14 @@ class AdapterCache:
                 failed[name] = UnknownModel(f"the model {name!r} does not exist")
                 continue
             self.stats.cache_misses += 1
+            misses += 1
             try:
                 self._make_resident(name, source, keep=wanted)
             except Exception as exc:
                 log.warning("adapter %s could not be loaded from %s: %s", name, source.uri, exc)
                 failed[name] = exc
+        if misses:  # evicted adapters, and the buffers each load read its files into
+            release_freed_memory()
         return failed
 
     def _make_resident(self, name: str, source: AdapterSource, keep: Sequence[str]) -> None:
@@ -137,11 +147,7 @@ class AdapterCache:
         if source.expected_sha256 is None:
             # Pin what was served first: a reload after eviction must be the same adapter.
             self.sources[name] = replace(source, expected_sha256=digest)
-        self.resident[name] = sum(
-            (layer.weight_a(name).nbytes + layer.weight_b(name).nbytes)
-            for _, layer in lora_layers(self.model)
-            if name in layer.specs
-        )
+        self.resident[name] = _adapter_bytes(self.model, name)
 
     def _make_room(self, keep: Sequence[str]) -> None:
         """Evict least recently used adapters, never one in ``keep``, until one more fits."""
@@ -162,6 +168,54 @@ class AdapterCache:
             sum(self.resident.values()) > self.max_adapter_bytes
         )
         return count or size
+
+
+def _adapter_bytes(model: nn.Module, name: str) -> int:
+    """The bytes of adapter ``name``'s weights on ``model``.
+
+    The walk stops at LoRA layers: each resident adapter adds three modules to every one
+    of them, so walking all modules (``lora_layers``) visits ~24,000 on SmolLM2 with 64
+    adapters resident, ~50 ms of every load.
+    """
+    total = 0
+    modules = [model]
+    while modules:
+        module = modules.pop()
+        if isinstance(module, LoRALinear):
+            if name in module.specs:
+                total += module.weight_a(name).nbytes + module.weight_b(name).nbytes
+        else:
+            modules.extend(module.children())
+    return total
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``; None where the C library has none (musl, macOS)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand the free pages of the C heap back to the system (glibc; elsewhere nothing).
+
+    glibc gives each thread that allocates its own arena, and returns freed memory to the
+    system only from the top of an arena. Admin loads run on the HTTP server's worker
+    threads, reloads after evictions on the batcher's, so an evicted adapter's pages
+    stayed resident in the arena of the thread that had loaded it while the next load
+    took new ones in another: a SmolLM2 replica with a cache of 64 and 1,000 adapters
+    coming and going held ~150 adapters' worth over its base instead of 64.
+    ``malloc_trim`` releases every whole free page of every arena; it takes ~0.1 ms.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _verify(folder: Path, source: AdapterSource) -> str:
