@@ -53,7 +53,8 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -m 'not long'
 
-# The minutes-long reliability runs: every service stopped during every task, the soak.
+# The minutes-long runs: every service stopped during every task, the soak, the secrets
+# search over a whole run, SmolLM2 training.
 test-slow: $(STAMP)
 	LORA_OPS_SOAK=1 $(PY) -m pytest -m long
 

@@ -23,7 +23,8 @@ from mlflow import MlflowClient
 
 from tests.servers import OUTSIDE_VARIABLES, free_ports
 
-pytestmark = pytest.mark.integration
+# A whole run on a stack of its own (~2.5 min): make test-slow.
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 SAMPLE = Path(__file__).parents[2] / "examples" / "acme-support.jsonl"
 TRAINING = ["--base", "tiny-llama", "--rank", "4", "--lr", "1e-2", "--max-steps", "4"]
 TRAINING += ["--batch-size", "4", "--max-seq-len", "256", "--min-improvement", "0.001"]

@@ -72,6 +72,7 @@ def test_adapters_match_peft_both_ways_on_smollm2(smollm2_base: Path, tmp_path: 
         assert (logits(model, ids) - theirs).abs().max().item() <= 1e-4
 
 
+@pytest.mark.long  # ~90 s of SmolLM2 training; make demo trains it too
 def test_training_on_the_sample_data_beats_the_base(smollm2_base: Path, tmp_path: Path) -> None:
     tokenizer = base_models.load_tokenizer(smollm2_base)
     dataset = data.prepare_dataset(SAMPLE, tokenizer, max_seq_len=256, eval_fraction=0.1)
