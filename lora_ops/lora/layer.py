@@ -200,16 +200,23 @@ class LoRALinear(nn.Module):
         if stacks is not None and stacks[0].shape[0] == n_rows and stacks[0].dtype == dtype:
             return stacks
         assert self.row_groups is not None
-        device = self.weight_a(self.row_groups[0].adapter).device
         rank = max(self.specs[g.adapter].r for g in self.row_groups)
-        stacked_a = torch.zeros((n_rows, self.d_in, rank), dtype=dtype, device=device)
-        stacked_b = torch.zeros((n_rows, rank, self.d_out), dtype=dtype, device=device)
+        device = self.weight_a(self.row_groups[0].adapter).device
+        zero_a = torch.zeros((self.d_in, rank), dtype=dtype, device=device)
+        zero_b = torch.zeros((rank, self.d_out), dtype=dtype, device=device)
+        per_row_a, per_row_b = [zero_a] * n_rows, [zero_b] * n_rows
         with torch.no_grad():
             for group in self.row_groups:
                 spec = self.specs[group.adapter]
-                weight_b = self.weight_b(group.adapter).t() * spec.scaling
-                stacked_a[group.rows, :, : spec.r] = self.weight_a(group.adapter).t().to(dtype)
-                stacked_b[group.rows, : spec.r, :] = weight_b.to(dtype)
+                pad = rank - spec.r  # a smaller rank gets zero columns: the same product
+                weight_a = F.pad(self.weight_a(group.adapter).t().to(dtype), (0, pad))
+                weight_b = F.pad(
+                    (self.weight_b(group.adapter).t() * spec.scaling).to(dtype), (0, 0, 0, pad)
+                )
+                for row in group.rows.tolist():
+                    per_row_a[row], per_row_b[row] = weight_a, weight_b
+            # One copy per layer per batch; every decoding step reuses it.
+            stacked_a, stacked_b = torch.stack(per_row_a), torch.stack(per_row_b)
         self._row_stacks = (stacked_a, stacked_b)
         return self._row_stacks
 

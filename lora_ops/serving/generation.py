@@ -115,6 +115,9 @@ def generate_batch(
                     position_ids=positions,
                     past_key_values=cache,
                     use_cache=True,
+                    # Only the last position is sampled from: projecting every prompt
+                    # position onto the vocabulary would cost more than the prompt itself.
+                    logits_to_keep=1,
                 )
             cache = out.past_key_values
             logits = out.logits[:, -1, :]  # (batch, vocab)
