@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from pathlib import Path
@@ -80,6 +81,11 @@ def serve(
         bucket=settings.bucket,
     )
     app_ = create_app(engine, token, grants)
+    # The ~770,000 objects of the loaded libraries and model never die; frozen, the
+    # collector stops walking them in every full collection (~0.5 s pauses on 2 cores that
+    # were the p99 of adapter loads).
+    gc.collect()
+    gc.freeze()
     if bootstrap:
         app_.state.ready = False
         threading.Thread(target=_bootstrap, args=(app_, engine, base), daemon=True).start()

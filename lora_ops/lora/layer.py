@@ -74,16 +74,22 @@ class LoRALinear(nn.Module):
     def d_out(self) -> int:
         return self.base_layer.out_features
 
-    def add_adapter(self, name: str, spec: LoraSpec) -> None:
-        """Add adapter ``name``: A Kaiming-uniform, B zero, so the output is unchanged."""
+    def add_adapter(self, name: str, spec: LoraSpec, *, initialise: bool = True) -> None:
+        """Add adapter ``name``: A Kaiming-uniform, B zero, so the output is unchanged.
+
+        ``initialise=False`` leaves A and B as allocated (garbage): for loading saved
+        weights over them, where drawing random numbers first is wasted time.
+        """
         if name in self.specs:
             raise InputError(f"adapter {name!r} is already on this layer", field="adapter")
-        weight = self.base_layer.weight
-        lora_a = nn.Linear(self.d_in, spec.r, bias=False, device=weight.device)
-        lora_b = nn.Linear(spec.r, self.d_out, bias=False, device=weight.device)
-        # nn.Linear's own init for A (as PEFT does); B = 0 makes the update start at zero.
-        nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
-        nn.init.zeros_(lora_b.weight)
+        device = self.base_layer.weight.device
+        # Built on the meta device, then given memory: no init that would be overwritten.
+        lora_a = nn.Linear(self.d_in, spec.r, bias=False, device="meta").to_empty(device=device)
+        lora_b = nn.Linear(spec.r, self.d_out, bias=False, device="meta").to_empty(device=device)
+        if initialise:
+            # nn.Linear's own init for A (as PEFT does); B = 0 starts the update at zero.
+            nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+            nn.init.zeros_(lora_b.weight)
         self.lora_A[name] = lora_a
         self.lora_B[name] = lora_b
         self.lora_dropout[name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()

@@ -212,7 +212,7 @@ def load_adapter(model: nn.Module, folder: Path, adapter: str = "default") -> Lo
     if any(adapter in layer.specs for _, layer in lora_layers(model)):
         raise InputError(f"the model already has an adapter named {adapter!r}", field="adapter")
     _check_fits(model, spec, pairs, folder)
-    add_adapter_to_modules(model, list(pairs), adapter, spec)
+    add_adapter_to_modules(model, list(pairs), adapter, spec, initialise=False)
     _copy_pairs(model, adapter, pairs)
     return spec
 
