@@ -108,3 +108,36 @@ def test_results_rows_land_in_their_own_table(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("q", "expected"), [(0, 1.0), (50, 2.5), (100, 4.0), (99, 3.97)])
 def test_percentile_interpolates(q: float, expected: float) -> None:
     assert percentile([4.0, 1.0, 3.0, 2.0], q) == pytest.approx(expected)
+
+
+def test_adapter_load_measures_both_sources_and_memory(tiny_base: Path) -> None:
+    figures = run_bench(
+        "adapter_load.py",
+        "--base",
+        str(tiny_base),
+        "--loads",
+        "4",
+        "--adapters",
+        "16",
+        "--cache",
+        "4",
+        "--requests",
+        "8",
+        "--concurrency",
+        "2",
+    )
+    for source in ("local", "s3"):
+        assert figures["empty_cache_ms"][source]["n"] == 4
+        assert figures["empty_cache_ms"][source]["p50"] > 0
+    assert figures["churn"]["errors"] == 0
+    assert figures["memory"]["rss_max_mb"] >= figures["memory"]["rss_base_mb"] > 0
+
+
+def test_pipeline_splits_a_real_run_into_compute_and_the_rest(tiny_base: Path) -> None:
+    figures = run_bench(
+        "pipeline.py", "--base", str(tiny_base), "--max-steps", "2", "--checkpoint-every", "1"
+    )
+    (run,) = figures["runs"].values()
+    assert run["inside_s"] > 0
+    assert run["total_s"] == pytest.approx(run["inside_s"] + run["overhead_s"], abs=0.05)
+    assert {"train", "evaluate", "register"} <= set(run["tasks_s"])
