@@ -46,11 +46,11 @@ from typing import Any
 
 import httpx
 import torch
-from common import percentile, pick_device, report
+from common import percentile, pick_device, report, write_random_adapters
 
 from lora_ops import base_models
 from lora_ops import stack as embedded
-from lora_ops.lora import LoraSpec, apply_lora, lora_layers, save_adapter
+from lora_ops.lora import LoraSpec
 from lora_ops.settings import Settings
 from lora_ops.storage import Storage
 
@@ -197,26 +197,11 @@ def run(args: argparse.Namespace, device: torch.device, work: Path) -> dict[str,
 def make_adapters(base: Path, local_root: Path, s3_root: Path, local: int, s3: int) -> int:
     """``local`` adapters under ``local_root``, ``s3`` under ``s3_root`` (uploaded later).
 
-    One model carries the adapter; its A and B get new random values (a seed per adapter)
-    before each save. Returns the bytes of one adapter's weights.
+    Returns the bytes of one adapter's weights.
     """
-    model = base_models.load_model(base, "cpu")
-    apply_lora(model, SPEC, adapter="bench")
-    weights = [
-        w
-        for _, layer in lora_layers(model)
-        for w in (layer.weight_a("bench"), layer.weight_b("bench"))
-    ]
-    generator = torch.Generator()
     folders = [local_root / adapter_name("l", i) for i in range(local)]
     folders += [s3_root / adapter_name("s", i) for i in range(s3)]
-    for seed, folder in enumerate(folders):
-        generator.manual_seed(seed)
-        with torch.no_grad():
-            for weight in weights:
-                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.02)
-        save_adapter(model, folder, adapter="bench", base_model_name_or_path=base.name)
-    return sum(w.nbytes for w in weights)
+    return write_random_adapters(base, folders, SPEC)
 
 
 def adapter_name(kind: str, index: int) -> str:

@@ -24,6 +24,9 @@ from typing import Any
 
 import torch
 
+from lora_ops import base_models
+from lora_ops.lora import LoraSpec, apply_lora, lora_layers, save_adapter
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
@@ -169,3 +172,26 @@ def append_row(benchmark: str, row: str, results: Path = RESULTS) -> None:
 
 def ratio(numerator: float, denominator: float) -> float:
     return round(numerator / denominator, 3) if denominator else float("nan")
+
+
+def write_random_adapters(base: Path, folders: Sequence[Path], spec: LoraSpec) -> int:
+    """A different random adapter (seeded by its index) in each folder, PEFT's format.
+
+    B is non-zero, so each one changes the output. One model carries the adapter; its A
+    and B get new values before each save. Returns the bytes of one adapter's weights.
+    """
+    model = base_models.load_model(base, "cpu")
+    apply_lora(model, spec, adapter="bench")
+    weights = [
+        w
+        for _, layer in lora_layers(model)
+        for w in (layer.weight_a("bench"), layer.weight_b("bench"))
+    ]
+    generator = torch.Generator()
+    for seed, folder in enumerate(folders):
+        generator.manual_seed(seed)
+        with torch.no_grad():
+            for weight in weights:
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.02)
+        save_adapter(model, folder, adapter="bench", base_model_name_or_path=base.name)
+    return sum(w.nbytes for w in weights)

@@ -19,28 +19,24 @@ import json
 import tempfile
 from pathlib import Path
 
-import torch
-from common import alternate, median, percentile, pick_device, ratio, report
+from common import (
+    alternate,
+    median,
+    percentile,
+    pick_device,
+    ratio,
+    report,
+    write_random_adapters,
+)
 
 from lora_ops import base_models
 from lora_ops.adapters import merge_to_folder
-from lora_ops.lora import LoraSpec, apply_lora, load_adapter, lora_layers, save_adapter
+from lora_ops.lora import LoraSpec, load_adapter
 from lora_ops.serving.generation import GenerationRequest, SamplingParams, generate_batch
 
 BASE = "smollm2-135m-instruct"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 SAMPLE = Path(__file__).resolve().parent.parent / "examples" / "acme-support.jsonl"
-
-
-def random_adapter(base: Path, rank: int, folder: Path) -> Path:
-    model = base_models.load_model(base, "cpu")
-    spec = LoraSpec(r=rank, alpha=2 * rank, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
-    apply_lora(model, spec)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            for weight in (layer.weight_a("default"), layer.weight_b("default")):
-                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.02)
-    return save_adapter(model, folder, base_model_name_or_path=str(base))
 
 
 def main() -> None:
@@ -65,7 +61,9 @@ def main() -> None:
     params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-merged-") as tmp:
-        adapter = random_adapter(base, args.rank, Path(tmp) / "adapter")
+        adapter = Path(tmp) / "adapter"
+        spec = LoraSpec(r=args.rank, alpha=2 * args.rank, target_modules=LORA_TARGETS)
+        write_random_adapters(base, [adapter], spec)
         merged_dir = merge_to_folder(base, adapter, Path(tmp) / "merged")
         models = {
             "base": (base_models.load_model(base, device), None),

@@ -41,24 +41,12 @@ from typing import Any
 
 from common import pick_device, report
 
+from lora_ops.settings import OUTSIDE_VARIABLES
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "acme-support.jsonl"
 SMOLLM2, TINY = "smollm2-135m-instruct", "tiny-llama"
 TARGET_SHARE = 0.15  # of the SmolLM2 run's wall time, for everything but compute
-# Client variables that could point the runs at some other server or sign with other keys.
-OUTSIDE_VARIABLES = (
-    "LORA_OPS_S3_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_PROFILE",
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_S3_ENDPOINT_URL",
-    "PREFECT_API_URL",
-    "PREFECT_API_KEY",
-)
 INSIDE_METRICS = {
     "train_steps": "train_step_seconds",
     "train_eval": "train_eval_seconds",

@@ -25,34 +25,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import alternate, median, pick_device, ratio, report
+from common import alternate, median, pick_device, ratio, report, write_random_adapters
 from peft import PeftModel
 from transformers import PreTrainedModel
 
 from lora_ops import base_models
-from lora_ops.lora import LoraSpec, apply_lora, lora_layers, save_adapter
+from lora_ops.lora import LoraSpec
 from lora_ops.serving.engine import AdapterSource, Engine
 from lora_ops.serving.generation import SamplingParams
 
 BASE = "smollm2-135m-instruct"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 SAMPLE = Path(__file__).resolve().parent.parent / "examples" / "acme-support.jsonl"
 TARGETS = {"mixed/base": 0.85, "mixed/peft_mixed": 1.5, "mixed/one_at_a_time": 7.0}
-
-
-def make_adapters(base: Path, count: int, rank: int, root: Path) -> list[Path]:
-    """``count`` different random adapters (B non-zero, so each changes the output)."""
-    model = base_models.load_model(base, "cpu")
-    spec = LoraSpec(r=rank, alpha=2 * rank, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
-    apply_lora(model, spec, adapter="bench")
-    folders = []
-    for index in range(count):
-        generator = torch.Generator().manual_seed(index)
-        with torch.no_grad():
-            for _, layer in lora_layers(model):
-                for weight in (layer.weight_a("bench"), layer.weight_b("bench")):
-                    weight.copy_(torch.randn(weight.shape, generator=generator) * 0.02)
-        folders.append(save_adapter(model, root / f"customer-{index:02d}", "bench", str(base)))
-    return folders
 
 
 def sample_prompts(engine: Engine, count: int) -> list[list[int]]:
@@ -156,7 +141,9 @@ def main() -> None:
     names = [f"customer-{i:02d}" for i in range(args.requests)]
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        folders = make_adapters(base, args.requests, args.rank, Path(tmp))
+        folders = [Path(tmp) / name for name in names]
+        spec = LoraSpec(r=args.rank, alpha=2 * args.rank, target_modules=LORA_TARGETS)
+        write_random_adapters(base, folders, spec)
         engine = Engine(
             base, max_adapters=args.requests, max_batch_size=args.requests, batch_window_s=0.05
         )

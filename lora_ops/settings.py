@@ -18,6 +18,21 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Development keys of the embedded S3 server (it listens on 127.0.0.1 only). Any real
 # deployment sets AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+# Client variables that could point lora-ops (or boto3, MLflow, Prefect) at some other
+# server, or sign with other keys: what a throwaway stack must clear from its environment.
+OUTSIDE_VARIABLES = (
+    "LORA_OPS_S3_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "PREFECT_API_URL",
+    "PREFECT_API_KEY",
+)
 EMBEDDED_ACCESS_KEY = "lora-ops-dev"
 EMBEDDED_SECRET_KEY = "lora-ops-dev-secret"
 

@@ -6,22 +6,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_ops.settings import OUTSIDE_VARIABLES as OUTSIDE_VARIABLES  # re-exported for tests
 from lora_ops.settings import Settings
-
-# Variables that could point a client at some other server or sign with other keys.
-OUTSIDE_VARIABLES = (
-    "LORA_OPS_S3_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_PROFILE",
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_S3_ENDPOINT_URL",
-    "PREFECT_API_URL",
-    "PREFECT_API_KEY",
-)
 
 
 def free_port() -> int:

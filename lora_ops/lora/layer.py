@@ -189,7 +189,8 @@ class LoRALinear(nn.Module):
         return result
 
     def _add_row_stacks(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        dtype = self.weight_a(self.row_groups[0].adapter).dtype if self.row_groups else x.dtype
+        assert self.row_groups  # forward takes this path for two or more groups
+        dtype = self.weight_a(self.row_groups[0].adapter).dtype
         if torch.is_autocast_enabled(x.device.type):  # stack once in the dtype bmm will use
             dtype = torch.get_autocast_dtype(x.device.type)
         stacked_a, stacked_b = self._stacks_for(x.shape[0], dtype)
