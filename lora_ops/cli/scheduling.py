@@ -72,9 +72,21 @@ def worker(
         typer.Option(min=1, max=65535, help="Serve Prefect's /health on 127.0.0.1:PORT."),
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Most flow runs at once.")] = None,
+    stop_grace: Annotated[
+        float,
+        typer.Option(
+            min=0, help="On SIGTERM/SIGINT, seconds a running flow run gets to stop (then killed)."
+        ),
+    ] = 20.0,
 ) -> None:
-    """Run a Prefect worker for lora-ops' flows (retrain, train-adapter, review-sweep)."""
+    """Run a Prefect worker for lora-ops' flows (retrain, train-adapter, review-sweep).
+
+    SIGTERM or SIGINT stops it: it takes no new runs, hands back the runs it is executing
+    (they go back to Scheduled for the next worker; a retrain resumes from its last
+    checkpoint) and exits 0.
+    """
     from flows.deployments import prepare_work_pool
+    from flows.worker import WorkerSupervisor
     from lora_ops.settings import get_settings
 
     url = _require_prefect_server()
@@ -94,7 +106,7 @@ def worker(
         command += ["--limit", str(limit)]
     out.print(f"worker on pool {pool}, Prefect at {url}")
     sys.stdout.flush()
-    os.execve(sys.executable, command, env)  # the worker is Prefect's own, signals and all
+    raise typer.Exit(WorkerSupervisor(command, env, grace_s=stop_grace).run())
 
 
 @db_app.command("upgrade")

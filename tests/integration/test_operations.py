@@ -5,6 +5,7 @@ runs that skip unchanged data, human review, and training on its own work pool."
 from __future__ import annotations
 
 import datetime as dt
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -305,3 +306,69 @@ def test_training_runs_on_its_own_work_pool(
     assert run["parent_task_run_id"] is not None  # a subflow of the retrain run
     version = Registry().get_version("gpu-co", "1")
     assert Registry().client.get_run(version.run_id).data.tags["lora_ops.training"] == "done"
+
+
+def flow_run_pids(run_id: str) -> list[int]:
+    """Processes on this machine that execute flow run ``run_id``."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"PREFECT__FLOW_RUN_ID={run_id}".encode() in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_stopped_worker_hands_its_run_back_to_the_next_worker(
+    stack: RunningStack,
+    prefect: PrefectApi,
+    fleet: Fleet,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # SIGTERM, as Docker, Kubernetes and systemd stop a process: to the worker alone.
+    pool = f"stop-{uuid.uuid4().hex[:6]}"
+    env = {"LORA_OPS_WORK_POOL": pool, "LORA_OPS_ADMIN_TOKEN": TOKEN}
+    env |= {"PREFECT_WORKER_QUERY_SECONDS": "1"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    data = write_lines(tmp_path / "stop.jsonl", slice(100, 140))
+    long_training = [*TRAINING, "--max-steps", "100000", "--checkpoint-every", "100000"]
+    cli("customers", "add", "stop-co", "--data", str(data), *long_training)
+    cli("schedule", "sync")
+    first = WorkerProcess(pool, free_port(), tmp_path / "first.log", env)
+    first.start()
+    second: WorkerProcess | None = None
+    run_id = prefect.run("retrain/stop-co")
+    try:
+        children = {"flow_runs": {"parent_flow_run_id": {"any_": [run_id]}}}
+        deadline = time.monotonic() + 300
+        while not prefect.call("POST", "/flow_runs/filter", json=children):  # training began
+            assert time.monotonic() < deadline, prefect.call("GET", f"/flow_runs/{run_id}")
+            time.sleep(1)
+        assert flow_run_pids(run_id)
+        assert first.process is not None
+        first.process.send_signal(signal.SIGTERM)
+        assert first.process.wait(timeout=120) == 0, first.log.read_text()
+        assert "handed back to the pool" in first.log.read_text()
+        assert flow_run_pids(run_id) == []  # nothing of the run is left running
+        run = prefect.call("GET", f"/flow_runs/{run_id}")
+        assert (run["state"]["type"], run["state"]["name"]) == ("SCHEDULED", "Handed back")
+
+        second = WorkerProcess(pool, free_port(), tmp_path / "second.log", env)
+        second.start()
+        prefect.wait(run_id, until={"RUNNING"})
+        deadline = time.monotonic() + 120
+        while not flow_run_pids(run_id):
+            assert time.monotonic() < deadline, second.log.read_text()
+            time.sleep(0.5)
+    finally:
+        cancelling = {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True}
+        prefect.call("POST", f"/flow_runs/{run_id}/set_state", json=cancelling)
+        prefect.wait(run_id, until={"CANCELLED", "CRASHED", "FAILED", "COMPLETED"})
+        for process in (first, second):
+            if process is not None:
+                process.stop()
+        cli("customers", "update", "stop-co", "--inactive")
+        cli("schedule", "sync")
