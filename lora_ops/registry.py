@@ -21,6 +21,8 @@ import logging
 import re
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -190,6 +192,27 @@ class Registry:
         self.artifact_root = artifact_root or _default_artifact_root(self.tracking_uri)
         client = mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         self.client = cast(mlflow.MlflowClient, _ClearErrors(client, self.tracking_uri))
+
+    def check_reachable(self, timeout_s: float = 3.0) -> None:
+        """Raise ``RegistryUnavailable`` at once when the tracking server does not answer.
+
+        MLflow's client retries a dead server for minutes, a warning a try; a caller that
+        has something better to do meanwhile (a replica serving its base model) asks this
+        first. Stores that are not servers (``sqlite:///``, folders) are always reachable.
+        """
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return
+        url = self.tracking_uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                if response.status == 200:
+                    return
+                problem = f"answered {response.status}"
+        except urllib.error.HTTPError as exc:
+            problem = f"answered {exc.code}"
+        except (OSError, ValueError) as exc:
+            problem = str(getattr(exc, "reason", exc))
+        raise RegistryUnavailable(f"MLflow at {self.tracking_uri} is unreachable ({problem})")
 
     # -- runs ---------------------------------------------------------------------------
 

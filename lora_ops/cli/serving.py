@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import logging
 import threading
 from pathlib import Path
 from typing import Annotated, Any
@@ -106,13 +105,12 @@ def _adapter_roots(roots: list[Path]) -> list[Path]:
 def _bootstrap(app_: Any, engine: Any, base: str) -> None:
     """Load every production adapter for this base from the registry, then report ready."""
     from lora_ops import base_models
-    from lora_ops.serving.bootstrap import load_production_adapters
+    from lora_ops.serving.bootstrap import converge
 
-    try:
-        load_production_adapters(engine, base_models.base_name(base_models.resolve_base(base)))
-    except Exception:
-        logging.getLogger(__name__).exception("the registry could not be read at start-up")
-    app_.state.ready = True
+    def ready() -> None:
+        app_.state.ready = True
+
+    converge(engine, base_models.base_name(base_models.resolve_base(base)), ready)
 
 
 @fleet_app.command("add")

@@ -4,10 +4,58 @@ for its base model from the registry, so a restarted or new replica needs no dep
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 
 from lora_ops.serving.engine import AdapterSource, Engine
 
 log = logging.getLogger(__name__)
+
+RETRY_S = 30.0
+
+
+def converge(
+    engine: Engine,
+    base_model: str,
+    on_ready: Callable[[], None],
+    stop: threading.Event | None = None,
+    retry_s: float = RETRY_S,
+) -> list[str]:
+    """Load the production adapters, calling ``on_ready`` once the replica may take traffic.
+
+    With the registry reachable, that is after the adapters are loaded. With it unreachable,
+    the replica says so in one line and is ready at once, serving its base model and the
+    adapters loaded through the API; it asks the registry again every ``retry_s`` seconds
+    and loads the production adapters when it answers. Returns the customers loaded (empty
+    when ``stop`` was set first).
+    """
+    from lora_ops.registry import Registry, RegistryUnavailable
+
+    stop = stop or threading.Event()
+    registry = Registry()
+    warned = False
+    while not stop.is_set():
+        try:
+            registry.check_reachable()
+            loaded = load_production_adapters(engine, base_model)
+        except RegistryUnavailable as exc:
+            if not warned:
+                log.warning(
+                    "%s: serving the base model and adapters loaded through the API; "
+                    "asking again every %.0f s",
+                    exc,
+                    retry_s,
+                )
+                warned = True
+                on_ready()
+            stop.wait(retry_s)
+            continue
+        except Exception:
+            log.exception("the registry could not be read at start-up")
+            loaded = []
+        on_ready()
+        return loaded
+    return []
 
 
 def load_production_adapters(engine: Engine, base_model: str) -> list[str]:

@@ -40,17 +40,25 @@ class Replica:
         log: where the process writes its output (shown when it fails to start).
         args: more ``serve`` options.
         env: more environment variables.
+        bootstrap: load the production adapters from the registry at start.
     """
 
     def __init__(
-        self, base: Path, log: Path, args: list[str], env: dict[str, str] | None = None
+        self,
+        base: Path,
+        log: Path,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        bootstrap: bool = False,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.command = [
             *(sys.executable, "-c", "from lora_ops.cli import main; main()", "serve"),
-            *("--base", str(base), "--port", str(self.port), "--no-bootstrap", *args),
+            *("--base", str(base), "--port", str(self.port)),
+            *([] if bootstrap else ["--no-bootstrap"]),
+            *args,
         ]
         self.env = {**os.environ, "LORA_OPS_ADMIN_TOKEN": TOKEN, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None

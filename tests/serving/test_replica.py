@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from lora_ops.storage import sha256_file
+from tests.servers import free_port
 from tests.serving.replicas import TOKEN, Replica, make_adapters
 
 pytestmark = pytest.mark.integration
@@ -146,3 +147,20 @@ def test_admin_needs_the_token_and_bad_adapters_are_refused(
     assert "hooli" not in [m.id for m in client.models.list()]
     still = client.completions.create(model="acme", prompt="Hi", max_tokens=3, temperature=0)
     assert still.choices[0].text is not None
+
+
+def test_a_replica_with_no_registry_serves_at_once_and_says_so_once(
+    tiny_base: Path, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    args = ["--adapter-root", str(adapters["acme"].parent)]
+    env = {"MLFLOW_TRACKING_URI": dead}
+    with Replica(tiny_base, tmp_path / "r.log", args, env=env, bootstrap=True) as replica:
+        assert replica.complete("base").status_code == 200
+        sha = sha256_file(adapters["acme"] / "adapter_model.safetensors")
+        assert replica.load("acme", adapters["acme"], sha).status_code == 200
+        assert replica.complete("acme").status_code == 200
+        logged = replica.log.read_text()
+    assert logged.count(f"MLflow at {dead} is unreachable") == 1, logged
+    assert "serving the base model and adapters loaded through the API" in logged
+    assert "Retrying" not in logged  # MLflow's client was never left to retry a dead server
