@@ -107,3 +107,66 @@ def test_our_services_run_real_command_lines(service: str) -> None:
     text = help_text(command[0], tuple(path))
     unknown = [option for option in options if option not in text]
     assert unknown == [], f"{' '.join(command[:3])} has no {unknown}"
+
+
+ONE_SHOT_JOBS = ("bucket-init", "db-migrate", "schedule-sync", "fleet-init")
+
+
+def test_healthchecks_run_the_same_on_docker_and_podman() -> None:
+    # Podman 4.3 splits exec-form arguments on spaces (podman #26519); a shell form is
+    # one string on both engines.
+    split = {
+        name: spec["healthcheck"]["test"]
+        for name, spec in services().items()
+        if spec["healthcheck"]["test"][0] == "CMD"
+        and any(" " in part for part in spec["healthcheck"]["test"][1:])
+    }
+    assert split == {}
+
+
+def test_every_one_shot_job_is_waited_for() -> None:
+    # `up --wait` fails on a job that exits, even with 0, unless a service waits for it to
+    # complete (docker/compose#10596).
+    waited = {
+        dependency
+        for spec in services().values()
+        for dependency, how in (spec.get("depends_on") or {}).items()
+        if how["condition"] == "service_completed_successfully"
+    }
+    assert set(ONE_SHOT_JOBS) <= waited
+
+
+def test_postgres_init_works_whatever_the_user_is_called() -> None:
+    postgres = services()["postgres"]
+    assert postgres["environment"]["POSTGRES_DB"] == "postgres"
+    init = (ROOT / "infra" / "postgres-init.sql").read_text()
+    for database in ("mlflow", "prefect", "lora_ops"):
+        assert f"WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '{database}')" in init
+
+
+def test_mlflow_admits_the_names_the_containers_and_the_host_use() -> None:
+    command = list(services()["mlflow"]["command"])  # type: ignore[call-overload]
+    hosts = command[command.index("--allowed-hosts") + 1].split(",")
+    assert {"mlflow:*", "127.0.0.1:*", "localhost:*"} <= set(hosts)
+
+
+def test_workers_are_stopped_with_sigterm_and_time_to_hand_back() -> None:
+    for name in ("prefect-worker", "trainer-gpu"):
+        spec = services()[name]
+        assert spec["stop_signal"] == "SIGTERM"
+        assert spec["stop_grace_period"] == "1m0s"
+
+
+def test_the_env_file_points_a_host_shell_at_the_stack() -> None:
+    script = f"set -a; . {ROOT / '.env.example'}; set +a; env -0"
+    raw = subprocess.run(["bash", "-c", script], capture_output=True, check=True, env={}).stdout
+    env = dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+    assert env["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{env['MLFLOW_PORT']}"
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == f"http://127.0.0.1:{env['MINIO_PORT']}"
+    assert env["AWS_ENDPOINT_URL_S3"] == env["MLFLOW_S3_ENDPOINT_URL"]  # boto3, the aws CLI
+    assert env["PREFECT_API_URL"] == f"http://127.0.0.1:{env['PREFECT_PORT']}/api"
+    assert env["AWS_ACCESS_KEY_ID"] == env["MINIO_ROOT_USER"]
+    assert env["LORA_OPS_DATABASE_URL"].endswith(f"@127.0.0.1:{env['POSTGRES_PORT']}/lora_ops")
+    assert env["MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"] == "false"
+    published = services()["postgres"]["ports"][0]
+    assert (published["host_ip"], published["published"]) == ("127.0.0.1", env["POSTGRES_PORT"])
