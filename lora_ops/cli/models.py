@@ -73,10 +73,16 @@ def data_validate(
     min_examples: Annotated[int, typer.Option(min=1, help="Fewest examples accepted.")] = 10,
 ) -> None:
     """Report on a data file, or list every problem as FILE:LINE: reason and exit 1."""
-    from lora_ops import base_models, data
+    from lora_ops import data
 
-    tokenizer = base_models.load_tokenizer(base) if base else None
-    report = data.validate_file(file, tokenizer, max_seq_len=max_seq_len, min_examples=min_examples)
+    # Structure first: a broken line needs no tokenizer, and loading one (torch and
+    # transformers) costs seconds before the answer. Tokens are counted once it passes.
+    report = data.validate_file(file, None, max_seq_len=max_seq_len, min_examples=min_examples)
+    if report.ok and base:
+        from lora_ops import base_models
+
+        tokenizer = base_models.load_tokenizer(base)
+        report = data.validate_file(file, tokenizer, max_seq_len, min_examples)
     if not report.ok:
         for problem in report.problems:
             typer.echo(str(problem), err=True)  # one unwrapped line each: editors jump to it

@@ -161,3 +161,23 @@ def test_generate_with_and_without_adapter(trained: Path) -> None:
     assert base.exit_code == 0, base.output
     assert adapted.exit_code == 0, adapted.output
     assert base.output.strip()
+
+
+def test_a_broken_file_is_reported_without_loading_a_model(tmp_path: Path) -> None:
+    # Structure needs no tokenizer: the answer must not wait for torch and transformers.
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{not json\n\n')
+    code = (
+        "import sys\n"
+        "from lora_ops.cli import main\n"
+        f"sys.argv = ['lora-ops', 'data', 'validate', {str(bad)!r}, '--base', 'tiny-llama']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exit:\n"
+        "    code = exit.code\n"
+        "heavy = sorted({'torch', 'transformers', 'mlflow', 'prefect'} & set(sys.modules))\n"
+        "print(code, heavy, file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert f"{bad}:2:" in done.stderr
+    assert done.stderr.strip().endswith("1 []"), done.stderr
