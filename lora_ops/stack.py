@@ -46,7 +46,7 @@ from typing import Any
 import httpx
 
 from lora_ops.errors import LoraOpsError
-from lora_ops.settings import Settings, get_settings
+from lora_ops.settings import OUTSIDE_VARIABLES, Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +72,9 @@ START_TIMEOUT_S = {"s3": 15.0, "mlflow": 60.0, "prefect": 90.0, "worker": 90.0, 
 ADMIN_TOKEN_FILE = "admin-token"
 UNHEALTHY_GRACE_S = 5.0  # a part of ours that stays unhealthy this long is restarted by `up`
 STOP_SIGNALS = ((signal.SIGINT, 10.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0))
-# Variables that point clients elsewhere or carry credentials: each server gets only its own.
-AWS_CLIENT = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
-AWS_ENDPOINTS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
-OTHERS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "PREFECT_API_URL", "PREFECT_API_KEY")
-CLIENT_VARIABLES = frozenset(
-    (*AWS_CLIENT, *AWS_ENDPOINTS, *OTHERS, "PREFECT_HOME", "RCLONE_AUTH_KEY")
-)
+# Variables that point clients elsewhere or carry credentials, and the servers' own state
+# and keys: each part gets only its own.
+CLIENT_VARIABLES = frozenset((*OUTSIDE_VARIABLES, "PREFECT_HOME", "RCLONE_AUTH_KEY"))
 Record = dict[str, Any]  # one service's entry in stack.json
 _children: dict[int, subprocess.Popen[bytes]] = {}  # kept so our own children can be reaped
 

@@ -325,3 +325,32 @@ def test_a_worker_and_a_replica_join_the_stack(
         stopped = runner.invoke(app, ["stack", "down"])
     assert "stopped: replica, worker, prefect, mlflow, s3" in stopped.output
     assert Fleet(Database()).urls() == []
+
+
+def test_the_callers_client_settings_never_reach_the_stacks_parts(
+    own_env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A shell pointed at another S3 (or MLflow, or Prefect) must not redirect the stack's
+    # worker and replica: they talk to the stack's own servers only.
+    elsewhere = {
+        "LORA_OPS_S3_ENDPOINT_URL": "http://s3.elsewhere.invalid:9000",
+        "AWS_ENDPOINT_URL": "http://aws.elsewhere.invalid",
+        "AWS_ACCESS_KEY_ID": "someone-elses-key",
+        "MLFLOW_TRACKING_URI": "http://mlflow.elsewhere.invalid",
+        "PREFECT_API_URL": "http://prefect.elsewhere.invalid/api",
+    }
+    for name, value in elsewhere.items():
+        monkeypatch.setenv(name, value)
+    for part in ("worker", "replica", "mlflow", "prefect", "s3"):
+        env = embedded._child_env(part, own_env, own_env.state_dir)
+        leaked = {name: env[name] for name in elsewhere if env.get(name) == elsewhere[name]}
+        assert leaked == {}, part
+    env = embedded._child_env("worker", own_env, own_env.state_dir)
+    with monkeypatch.context() as child:
+        for name in OUTSIDE_VARIABLES:
+            child.delenv(name, raising=False)
+        for name, value in env.items():
+            child.setenv(name, value)
+        seen = Settings()
+    assert seen.s3_endpoint_url == f"http://127.0.0.1:{own_env.s3_port}"
+    assert seen.mlflow_tracking_uri == f"http://127.0.0.1:{own_env.mlflow_port}"
