@@ -15,18 +15,19 @@ from flows.review import await_review
 from flows.training import train_where_configured
 from lora_ops import names
 from lora_ops.config import TrainConfig
+from lora_ops.defaults import DEFAULT_BASE, DEFAULT_GATE
 
 RETRAIN_FLOW = "retrain"
 
 
 @flow(name=RETRAIN_FLOW, log_prints=False)
-def retrain(
+def retrain(  # noqa: PLR0913 - a flow's parameters are its deployments' API
     customer: str,
     data_uri: str,
-    base: str = "smollm2-135m-instruct",
+    base: str = DEFAULT_BASE,
     config: TrainConfig = Field(default_factory=TrainConfig),  # noqa: B008 - Prefect form
-    min_improvement: float = Field(0.05, ge=0, lt=1),
-    production_tolerance: float = Field(0.02, ge=0, lt=1),
+    min_improvement: float = Field(DEFAULT_GATE.min_improvement, ge=0, lt=1),
+    production_tolerance: float = Field(DEFAULT_GATE.production_tolerance, ge=0, lt=1),
     auto_deploy: bool = False,
     require_review: bool = False,
     review_timeout_hours: float = Field(72.0, gt=0, le=24 * 30),

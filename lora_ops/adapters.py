@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lora_ops import base_models
 from lora_ops.errors import InputError
+from lora_ops.files import replace_folder, staging_folder
 from lora_ops.lora import load_adapter, merge_adapter, remove_lora, set_adapter
 
 
@@ -37,14 +37,11 @@ def merge_to_folder(base: str | Path, adapter_dir: Path, out_dir: Path) -> Path:
     model, tokenizer = load_adapted(base, adapter_dir)
     merge_adapter(model, "default")
     remove_lora(model)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    staging = staging_folder(out_dir)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
+        replace_folder(staging, out_dir)  # over an empty folder, checked above
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir

@@ -13,7 +13,6 @@ import importlib.util
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from transformers import (
 )
 
 from lora_ops.errors import InputError
+from lora_ops.files import replace_folder, sha256_file, staging_folder
 from lora_ops.lora import LoraSpec, check_spec_fits
 from lora_ops.settings import get_settings
 
@@ -147,14 +147,6 @@ def is_materialised(folder: Path) -> bool:
     return (folder / MANIFEST).is_file() and (folder / WEIGHTS).is_file()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def import_base(name: str, cache_dir: Path | None = None) -> Path:
     """Materialise a catalogue model into the cache (once) and return its folder.
 
@@ -167,23 +159,20 @@ def import_base(name: str, cache_dir: Path | None = None) -> Path:
     folder = catalogue_folder(name, cache_dir)
     if is_materialised(folder):
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+    staging = staging_folder(folder)
     try:
         CATALOGUE[name].build(staging)
         weights = staging / WEIGHTS
         manifest = {
             "name": name,
             "description": CATALOGUE[name].description,
-            "sha256": file_sha256(weights),
+            "sha256": sha256_file(weights),
             "size_bytes": weights.stat().st_size,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if folder.exists():  # a half folder from an older crash, or a racing import
-            if is_materialised(folder):
-                return folder
-            shutil.rmtree(folder)
-        staging.rename(folder)
+        if is_materialised(folder):  # a racing import finished first
+            return folder
+        replace_folder(staging, folder)  # over a half folder an older crash left
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("base model %s materialised in %s", name, folder)
@@ -215,7 +204,7 @@ def base_sha256(folder: Path) -> str:
         raise InputError(f"{folder} holds no *.safetensors weights", field="base")
     digest = hashlib.sha256()
     for shard in shards:
-        digest.update(file_sha256(shard).encode())
+        digest.update(sha256_file(shard).encode())
     return digest.hexdigest()
 
 

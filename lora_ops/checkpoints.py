@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lora_ops.errors import InputError
+from lora_ops.files import replace_folder
 from lora_ops.lora import load_adapter_weights, save_adapter
 
 STATE_PT = "trainer_state.pt"
@@ -81,8 +82,7 @@ def save(
     (staging / STATE_JSON).write_text(
         json.dumps({"step": step, "fingerprint": run_fingerprint}, indent=2) + "\n"
     )
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
+    replace_folder(staging, final)
     for old in complete_checkpoints(folder)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final

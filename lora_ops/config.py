@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lora_ops.defaults import DEFAULT_BASE, DEFAULT_GATE, EvalGate
 from lora_ops.lora.spec import LoraSpec
 
-__all__ = ["LoraSpec", "TrainConfig"]
+__all__ = ["DEFAULT_BASE", "DEFAULT_GATE", "EvalGate", "LoraSpec", "TrainConfig"]
 
 
 class TrainConfig(BaseModel):

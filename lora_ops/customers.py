@@ -30,9 +30,9 @@ from pydantic import (
 from lora_ops import names
 from lora_ops.config import TrainConfig
 from lora_ops.db import Customer, Database, RecordExists
+from lora_ops.defaults import DEFAULT_BASE, DEFAULT_GATE, EvalGate
 from lora_ops.errors import InputError
 
-DEFAULT_BASE = "smollm2-135m-instruct"
 CRON_FIELDS = "minute hour day-of-month month day-of-week"
 
 # Fields of a stored record that an update leaves alone: their files were checked when written.
@@ -61,10 +61,16 @@ class CustomerSpec(BaseModel):
         description="TrainConfig overrides only, nested: {'lora': {'r': 16}, 'max_steps': 60}.",
     )
     min_improvement: float = Field(
-        0.05, ge=0, lt=1, description="Relative eval-loss gain over the base needed to pass."
+        DEFAULT_GATE.min_improvement,
+        ge=0,
+        lt=1,
+        description=EvalGate.model_fields["min_improvement"].description,
     )
     production_tolerance: float = Field(
-        0.02, ge=0, lt=1, description="How much worse than production a candidate may be."
+        DEFAULT_GATE.production_tolerance,
+        ge=0,
+        lt=1,
+        description=EvalGate.model_fields["production_tolerance"].description,
     )
     schedule: str | None = Field(None, description=f"Cron ({CRON_FIELDS}); None: no schedule.")
     timezone: str = Field("UTC", description="IANA time zone the schedule is read in.")

@@ -37,6 +37,7 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from lora_ops.defaults import DEFAULT_GATE
 from lora_ops.errors import LoraOpsError
 from lora_ops.settings import Settings, get_settings
 
@@ -102,8 +103,10 @@ class Customer(Base):
     data_uri: Mapped[str] = mapped_column(Text)
     base_model: Mapped[str] = mapped_column(String(512))
     training_overrides: Mapped[str] = mapped_column(Text, default="{}")  # a JSON object
-    min_improvement: Mapped[float] = mapped_column(Float, default=0.05)
-    production_tolerance: Mapped[float] = mapped_column(Float, default=0.02)
+    min_improvement: Mapped[float] = mapped_column(Float, default=DEFAULT_GATE.min_improvement)
+    production_tolerance: Mapped[float] = mapped_column(
+        Float, default=DEFAULT_GATE.production_tolerance
+    )
     schedule_cron: Mapped[str | None] = mapped_column(String(120), nullable=True)
     schedule_timezone: Mapped[str] = mapped_column(String(64), default="UTC")
     auto_deploy: Mapped[bool] = mapped_column(Boolean, default=False)

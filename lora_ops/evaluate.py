@@ -12,6 +12,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lora_ops.batching import Tokenized, collate, count_loss_tokens, summed_nll
+from lora_ops.defaults import DEFAULT_GATE
 from lora_ops.lora import adapters_in_use
 
 
@@ -95,8 +96,8 @@ def decide_gate(
     base_loss: float,
     candidate_loss: float,
     production_loss: float | None = None,
-    min_improvement: float = 0.05,
-    production_tolerance: float = 0.02,
+    min_improvement: float = DEFAULT_GATE.min_improvement,
+    production_tolerance: float = DEFAULT_GATE.production_tolerance,
 ) -> GateDecision:
     """Pass when the candidate beats the base by ``min_improvement`` (relative) and is not
     worse than the current production adapter by more than ``production_tolerance``.

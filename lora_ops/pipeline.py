@@ -17,13 +17,15 @@ from typing import Any
 
 from lora_ops import base_models, data, names, prepared, smoke
 from lora_ops.config import TrainConfig
+from lora_ops.defaults import DEFAULT_GATE
 from lora_ops.errors import InputError, LoraOpsError
 from lora_ops.evaluate import GateDecision, decide_gate, evaluate_adapters, perplexity
+from lora_ops.files import sha256_file
 from lora_ops.lora import load_adapter
 from lora_ops.registry import Registry, adapter_tags, idempotency_key
 from lora_ops.report import gate_markdown, plot_loss_curve
 from lora_ops.settings import Settings, get_settings
-from lora_ops.storage import Storage, sha256_file
+from lora_ops.storage import Storage
 from lora_ops.train import StepMetrics, train_adapter
 
 log = logging.getLogger(__name__)
@@ -344,8 +346,8 @@ class EvalOutcome:
 def evaluate_step(
     dataset: DatasetRef,
     trained: TrainedRef,
-    min_improvement: float = 0.05,
-    production_tolerance: float = 0.02,
+    min_improvement: float = DEFAULT_GATE.min_improvement,
+    production_tolerance: float = DEFAULT_GATE.production_tolerance,
     settings: Settings | None = None,
 ) -> EvalOutcome:
     """Held-out loss of base, candidate and production; sample replies; the gate."""

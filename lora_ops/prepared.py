@@ -11,14 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from lora_ops.data import IGNORE_INDEX, PreparedDataset, TokenizedExample, json_type_name
 from lora_ops.errors import InputError
+from lora_ops.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +35,7 @@ def save_prepared(dataset: PreparedDataset, folder: Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     digests = {
-        name: _write_atomic(folder / name, (_tokenized_line(item) for item in items))
+        name: write_atomic(folder / name, (_tokenized_line(item) for item in items))
         for name, items in ((TRAIN_FILE, dataset.train), (EVAL_FILE, dataset.eval))
     }
     manifest = {
@@ -48,31 +46,13 @@ def save_prepared(dataset: PreparedDataset, folder: Path) -> None:
         "sizes": {"train": len(dataset.train), "eval": len(dataset.eval)},
         "files": digests,
     }
-    _write_atomic(folder / MANIFEST_FILE, [json.dumps(manifest, indent=2).encode() + b"\n"])
+    write_atomic(folder / MANIFEST_FILE, [json.dumps(manifest, indent=2).encode() + b"\n"])
     log.debug("saved prepared dataset %s to %s", dataset.sha256, folder)
 
 
 def _tokenized_line(item: TokenizedExample) -> bytes:
     row = {"line": item.line, "input_ids": item.input_ids, "labels": item.labels}
     return json.dumps(row, separators=(",", ":")).encode() + b"\n"
-
-
-def _write_atomic(path: Path, chunks: Iterable[bytes]) -> str:
-    """Write chunks to a temporary file beside ``path``, then rename; return their sha256."""
-    digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                digest.update(chunk)
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return digest.hexdigest()
 
 
 def load_prepared(folder: Path) -> PreparedDataset:

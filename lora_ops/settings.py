@@ -16,6 +16,8 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from lora_ops.defaults import DEFAULT_BASE
+
 # Development keys of the embedded S3 server (it listens on 127.0.0.1 only). Any real
 # deployment sets AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
 # Client variables that could point lora-ops (or boto3, MLflow, Prefect) at some other
@@ -67,7 +69,7 @@ class Settings(BaseSettings):
     )
     replica_port: int = Field(8000, ge=1, le=65535, description="The stack's serving replica.")
     replica_base: str = Field(
-        "smollm2-135m-instruct", description="Base model of the stack's serving replica."
+        DEFAULT_BASE, description="Base model of the stack's serving replica."
     )
     s3_endpoint_url: str = Field(
         "",

@@ -14,14 +14,11 @@ restarting, then raises :class:`StorageError` naming the endpoint and the bucket
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import shutil
-import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +40,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from tqdm.auto import tqdm
 
 from lora_ops.errors import InputError, LoraOpsError
+from lora_ops.files import replace_folder, sha256_file, staging_folder
 from lora_ops.names import SHA256, parse_s3_uri
 from lora_ops.settings import Settings, get_settings
 
@@ -66,15 +64,6 @@ class StorageError(LoraOpsError):
 
 class NoSuchObjectError(StorageError, InputError):
     """A named object is not there; also an InputError, since retrying will not help."""
-
-
-def sha256_file(path: Path) -> str:
-    """The file's sha256 as 64 lowercase hex digits, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -180,28 +169,13 @@ def _folder(prefix_uri: str) -> str:
     return folder
 
 
-def _swap_into_place(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``; an old ``target`` goes only once the new one is in."""
-    if not target.exists():
-        staging.rename(target)
-        return
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    target.rename(old)
-    try:
-        staging.rename(target)
-    except OSError:
-        old.rename(target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 class Storage:
     """One S3 endpoint and its client; every boto3 call of lora-ops goes through here.
 
     Secrets go into the boto3 client only: no attribute, repr or message holds them.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - to take one client config
         self,
         endpoint_url: str,
         access_key: str,
@@ -569,7 +543,7 @@ class Storage:
         manifest = self._read_manifest(folder)
         local_dir = Path(local_dir)
         local_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{local_dir.name}.partial-", dir=local_dir.parent))
+        staging = staging_folder(local_dir)
         try:
             for rel, entry in manifest.files.items():
                 target = self.download_file(folder + rel, staging / rel)
@@ -579,7 +553,7 @@ class Storage:
                         f"{actual[:12]}… ({target.stat().st_size} bytes), "
                         f"want {entry.sha256[:12]}… ({entry.size} bytes)"
                     )
-            _swap_into_place(staging, local_dir)
+            replace_folder(staging, local_dir)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         log.info("downloaded %d files from %s to %s", len(manifest.files), folder, local_dir)

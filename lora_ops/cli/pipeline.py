@@ -27,16 +27,16 @@ from lora_ops.cli.common import (
     train_config,
     training_overrides,
 )
+from lora_ops.defaults import DEFAULT_BASE, DEFAULT_GATE
 from lora_ops.errors import InputError
 
 pipeline_app = typer.Typer(help="Run the per-customer pipeline.", no_args_is_help=True)
 
 # What a run uses for a customer without a record (a record's fields win, then the options).
 DEFAULTS: dict[str, Any] = {
-    "base": "smollm2-135m-instruct",
+    "base": DEFAULT_BASE,
     "config": {"checkpoint_every": 20},
-    "min_improvement": 0.05,
-    "production_tolerance": 0.02,
+    **DEFAULT_GATE.model_dump(),
     "auto_deploy": False,
     "require_review": False,
 }

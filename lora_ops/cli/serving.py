@@ -11,13 +11,14 @@ import typer
 from rich.table import Table
 
 from lora_ops.cli.common import BaseOption, out, secret_value
+from lora_ops.defaults import DEFAULT_BASE
 from lora_ops.errors import InputError
 
 fleet_app = typer.Typer(help="The serving replicas deploys go to.", no_args_is_help=True)
 
 
 def serve(
-    base: BaseOption = "smollm2-135m-instruct",
+    base: BaseOption = DEFAULT_BASE,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     admin_token: Annotated[

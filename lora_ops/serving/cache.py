@@ -22,10 +22,10 @@ from torch import nn
 
 from lora_ops import names
 from lora_ops.errors import InputError, LoraOpsError
+from lora_ops.files import sha256_file
 from lora_ops.lora import LoRALinear, delete_adapter, load_adapter
 from lora_ops.serving import sources
 from lora_ops.serving.sources import AdapterSource, SourcePolicy
-from lora_ops.storage import sha256_file
 
 log = logging.getLogger(__name__)
 WEIGHTS = sources.WEIGHTS

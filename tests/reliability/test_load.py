@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lora_ops.storage import sha256_file
+from lora_ops.files import sha256_file
 from tests.reliability.loadgen import LoadPlan, generate_load, percentile
 from tests.serving.replicas import Replica, make_adapters
 

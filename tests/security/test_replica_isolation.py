@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lora_ops.storage import sha256_file
+from lora_ops.files import sha256_file
 from tests.serving.replicas import TOKEN, Replica, make_adapters
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from lora_ops.storage import sha256_file
+from lora_ops.files import sha256_file
 from tests.servers import free_port
 from tests.serving.replicas import TOKEN, Replica, make_adapters
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from lora_ops.errors import InputError
+from lora_ops.files import sha256_file
 from lora_ops.lora.peft_format import read_adapter_tensors
 from lora_ops.serving.engine import AdapterSource, Engine, UnknownModel
 from lora_ops.serving.generation import SamplingParams
 from lora_ops.serving.sources import SourcePolicy, SourceUnavailable
-from lora_ops.storage import sha256_file
 from tests.serving.replicas import make_adapters
 
 PARAMS = SamplingParams(max_tokens=4)

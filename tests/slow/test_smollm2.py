@@ -15,6 +15,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from lora_ops import base_models, data
 from lora_ops.config import TrainConfig
 from lora_ops.evaluate import generate_reply
+from lora_ops.files import sha256_file
 from lora_ops.lora import LoraSpec, adapters_in_use, apply_lora, load_adapter, save_adapter
 from lora_ops.train import train_adapter
 from tests.helpers import randomize_adapter, sample_input_ids
@@ -30,7 +31,7 @@ def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 def test_converted_model_is_the_real_pretrained_one(smollm2_base: Path) -> None:
     manifest_sha = base_models.base_sha256(smollm2_base)
-    assert manifest_sha == base_models.file_sha256(smollm2_base / "model.safetensors")
+    assert manifest_sha == sha256_file(smollm2_base / "model.safetensors")
     model = base_models.load_model(smollm2_base, "cpu")
     tokenizer = base_models.load_tokenizer(smollm2_base)
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)

@@ -10,13 +10,14 @@ import torch
 
 from lora_ops import base_models
 from lora_ops.errors import InputError
+from lora_ops.files import sha256_file
 
 
 def test_tiny_llama_is_the_same_bytes_every_time(tiny_base: Path, tmp_path: Path) -> None:
     again = base_models.import_base("tiny-llama", cache_dir=tmp_path)
     assert again == tmp_path / "models" / "tiny-llama"
     assert base_models.base_sha256(again) == base_models.base_sha256(tiny_base)
-    assert base_models.file_sha256(again / "model.safetensors") == base_models.base_sha256(again)
+    assert sha256_file(again / "model.safetensors") == base_models.base_sha256(again)
     manifest = json.loads((again / base_models.MANIFEST).read_text())
     assert manifest["name"] == "tiny-llama"
     assert not [p for p in tmp_path.joinpath("models").iterdir() if p.name.startswith(".")]
