@@ -49,8 +49,7 @@ demo: $(STAMP)
 	@echo "Point a shell at the stack:  eval \"\$$($(LORA_OPS) stack env)\""
 	@echo "Stop it (the data stays in .lora-ops/):  $(LORA_OPS) stack down"
 
-test: $(STAMP)
-	$(VENV)/bin/ruff check .
+test: lint
 	$(PY) -m pytest -m 'not long and not compose'
 
 # The minutes-long runs: every service stopped during every task, the soak, the secrets

@@ -123,7 +123,7 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def train_adapter(
+def train_adapter(  # noqa: PLR0913 - to take one run object
     model: PreTrainedModel,
     train_examples: Sequence[Tokenized],
     eval_examples: Sequence[Tokenized],
@@ -226,7 +226,7 @@ class _LoopRecord:
     step_seconds: float  # inside _optimizer_step only: no callbacks, no checkpoints
 
 
-def _run_steps(
+def _run_steps(  # noqa: PLR0913 - to take one run object
     model: PreTrainedModel,
     optimizer: torch.optim.Optimizer,
     examples: Sequence[Tokenized],

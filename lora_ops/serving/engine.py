@@ -89,7 +89,7 @@ class Engine:
         work_dir: where fetched adapter files are kept while they load.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - to take one engine config
         self,
         base: str | Path,
         *,
