@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
@@ -22,6 +22,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import (
     Boolean,
+    CursorResult,
     DateTime,
     Float,
     Integer,
@@ -288,6 +289,48 @@ class Database:
     def replica_urls(self) -> list[str]:
         with self.session() as session:
             return list(session.scalars(select(Replica.url).order_by(Replica.id)))
+
+    def add_replica(self, url: str) -> None:
+        """Register a replica; one already registered stays as it is."""
+        with self.session() as session:
+            if session.scalars(select(Replica).where(Replica.url == url)).first() is None:
+                session.add(Replica(url=url))
+
+    def remove_replica(self, url: str) -> bool:
+        """Forget a replica; False when it was not registered."""
+        with self.session() as session:
+            # A DELETE runs through a cursor, so it has a rowcount; Session types it loosely.
+            result = cast(
+                CursorResult[Any], session.execute(delete(Replica).where(Replica.url == url))
+            )
+            return bool(result.rowcount)
+
+    def record_deployment_start(
+        self, customer: str, version: str, replicas: list[str], triggered_by: str
+    ) -> list[int]:
+        """One ``started`` row per replica a deploy goes to; their ids."""
+        with self.session() as session:
+            rows = [
+                Deployment(
+                    customer=customer,
+                    version=version,
+                    replica_url=url,
+                    status="started",
+                    triggered_by=triggered_by,
+                )
+                for url in replicas
+            ]
+            session.add_all(rows)
+            session.flush()
+            return [row.id for row in rows]
+
+    def record_deployment_end(self, ids: list[int], status: str, detail: str) -> None:
+        """Close the rows ``record_deployment_start`` made with their outcome."""
+        with self.session() as session:
+            for row_id in ids:
+                row = session.get(Deployment, row_id)
+                if row is not None:
+                    row.status, row.detail, row.finished_at = status, detail, utcnow()
 
     def deployments(self, customer: str | None = None, limit: int = 50) -> list[Deployment]:
         query = select(Deployment).order_by(Deployment.id.desc()).limit(limit)

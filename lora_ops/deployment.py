@@ -13,13 +13,11 @@ import os
 import socket
 from dataclasses import dataclass
 
-from mlflow.entities.model_registry import ModelVersion
-
 from lora_ops import customers, names, review
-from lora_ops.db import Database, Deployment, utcnow
+from lora_ops.db import Database
 from lora_ops.errors import InputError, LoraOpsError
 from lora_ops.fleet import Fleet, ReplicaError
-from lora_ops.registry import Registry
+from lora_ops.registry import AdapterVersion, Registry
 from lora_ops.smoke import ADAPTER_SHA256_TAG, SMOKE_OUTPUT_TAG
 
 log = logging.getLogger(__name__)
@@ -43,7 +41,7 @@ def version_uri(customer: str, version: str) -> str:
 
 def resolve_version(
     registry: Registry, customer: str, version: str | None, alias: str
-) -> ModelVersion:
+) -> AdapterVersion:
     if version is not None:
         try:
             return registry.get_version(customer, version)
@@ -79,19 +77,21 @@ def deploy(
         raise InputError("the fleet has no replicas; add one with `lora-ops fleet add URL`")
     holder = f"{socket.gethostname()}:{os.getpid()}:{triggered_by}"
     with fleet.db.deploy_lock(customer, holder):
-        rows = _record_start(fleet.db, customer, str(target.version), replicas, triggered_by)
+        rows = fleet.db.record_deployment_start(
+            customer, str(target.version), replicas, triggered_by
+        )
         try:
             for url in replicas:
                 _load_and_smoke(fleet, url, customer, target)
         except ReplicaError as exc:
             _restore(fleet, replicas, customer, current)
-            _record_end(fleet.db, rows, "failed", str(exc))
+            fleet.db.record_deployment_end(rows, "failed", str(exc))
             raise DeployFailed(
                 f"deploy of adapter-{customer} version {target.version} failed "
                 f"and was rolled back: {exc}"
             ) from None
         registry.promote_to_production(customer, str(target.version))
-        _record_end(fleet.db, rows, "succeeded", "")
+        fleet.db.record_deployment_end(rows, "succeeded", "")
     previous = None if current is None else str(current.version)
     log.info("adapter-%s version %s serves on %d replicas", customer, target.version, len(replicas))
     return DeployOutcome(customer, str(target.version), previous, replicas)
@@ -110,7 +110,7 @@ def rollback(
     )
 
 
-def _check_review(db: Database, customer: str, version: ModelVersion) -> None:
+def _check_review(db: Database, customer: str, version: AdapterVersion) -> None:
     """Refuse a version a reviewer has not approved, for customers that require review."""
     record = customers.find(customer, db=db)
     if record is None or not record.require_review:
@@ -127,7 +127,7 @@ def _check_review(db: Database, customer: str, version: ModelVersion) -> None:
     )
 
 
-def _load_and_smoke(fleet: Fleet, url: str, customer: str, version: ModelVersion) -> None:
+def _load_and_smoke(fleet: Fleet, url: str, customer: str, version: AdapterVersion) -> None:
     fleet.load(
         url,
         customer,
@@ -141,7 +141,7 @@ def _load_and_smoke(fleet: Fleet, url: str, customer: str, version: ModelVersion
 
 
 def _restore(
-    fleet: Fleet, replicas: list[str], customer: str, current: ModelVersion | None
+    fleet: Fleet, replicas: list[str], customer: str, current: AdapterVersion | None
 ) -> None:
     """Put every reachable replica back on what it served before (best effort, logged)."""
     for url in replicas:
@@ -158,30 +158,3 @@ def _restore(
                 )
         except ReplicaError as exc:
             log.error("could not restore %s on %s: %s", customer, url, exc.reason)
-
-
-def _record_start(
-    db: Database, customer: str, version: str, replicas: list[str], triggered_by: str
-) -> list[int]:
-    with db.session() as session:
-        rows = [
-            Deployment(
-                customer=customer,
-                version=version,
-                replica_url=url,
-                status="started",
-                triggered_by=triggered_by,
-            )
-            for url in replicas
-        ]
-        session.add_all(rows)
-        session.flush()
-        return [row.id for row in rows]
-
-
-def _record_end(db: Database, ids: list[int], status: str, detail: str) -> None:
-    with db.session() as session:
-        for row_id in ids:
-            row = session.get(Deployment, row_id)
-            if row is not None:
-                row.status, row.detail, row.finished_at = status, detail, utcnow()

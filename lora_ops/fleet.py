@@ -10,12 +10,11 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import httpx
-from sqlalchemy import CursorResult, delete
 
-from lora_ops.db import Database, Replica
+from lora_ops.db import Database
 from lora_ops.errors import InputError, LoraOpsError
 from lora_ops.settings import get_settings
 from lora_ops.smoke import SMOKE_MAX_TOKENS, SMOKE_MESSAGES
@@ -62,18 +61,11 @@ class Fleet:
 
     def add(self, url: str) -> str:
         url = check_url(url)
-        with self.db.session() as session:
-            if session.query(Replica).filter_by(url=url).first() is None:
-                session.add(Replica(url=url))
+        self.db.add_replica(url)
         return url
 
     def remove(self, url: str) -> bool:
-        with self.db.session() as session:
-            # A DELETE runs through a cursor, so it has a rowcount; Session types it loosely.
-            result = cast(
-                CursorResult[Any], session.execute(delete(Replica).where(Replica.url == url))
-            )
-            return bool(result.rowcount)
+        return self.db.remove_replica(url)
 
     def urls(self) -> list[str]:
         return self.db.replica_urls()

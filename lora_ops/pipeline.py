@@ -180,16 +180,14 @@ def train_step(
     settings, storage, registry = _services(settings)
     key, base_sha = run_key(dataset, config)
     run = registry.find_run(dataset.customer, key)
-    if run is not None and run.data.tags.get(TRAINING_DONE_TAG) == "done":
-        log.info(
-            "training run %s for this data and config is finished: reusing it", run.info.run_id
-        )
-        return TrainedRef(run.info.run_id, key, base_sha, 0, reused=True)
+    if run is not None and run.tags.get(TRAINING_DONE_TAG) == "done":
+        log.info("training run %s for this data and config is finished: reusing it", run.run_id)
+        return TrainedRef(run.run_id, key, base_sha, 0, reused=True)
     if run is None:
         run_id = registry.start_run(dataset.customer, tags={"idempotency_key": key})
         registry.log_params(run_id, _run_params(dataset, config, base_sha))
     else:
-        run_id = run.info.run_id
+        run_id = run.run_id
         log.info("resuming training run %s", run_id)
     result = _train_with_checkpoints(
         dataset, config, key, run_id, settings, storage, registry, progress
@@ -211,13 +209,13 @@ def finished_training(
     _, _, registry = _services(settings)
     key, base_sha = run_key(dataset, config)
     run = registry.find_run(dataset.customer, key)
-    if run is None or run.data.tags.get(TRAINING_DONE_TAG) != "done":
+    if run is None or run.tags.get(TRAINING_DONE_TAG) != "done":
         raise LoraOpsError(
             f"no finished training run of {dataset.customer} for dataset {dataset.sha256[:12]} "
             f"and this config (idempotency key {key[:12]})"
         )
-    steps = int(run.data.tags.get(TRAINING_STEPS_TAG, "0"))
-    return TrainedRef(run.info.run_id, key, base_sha, steps, reused=False)
+    steps = int(run.tags.get(TRAINING_STEPS_TAG, "0"))
+    return TrainedRef(run.run_id, key, base_sha, steps, reused=False)
 
 
 def _run_params(dataset: DatasetRef, config: TrainConfig, base_sha: str) -> dict[str, Any]:

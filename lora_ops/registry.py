@@ -135,6 +135,46 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return flat
 
 
+@dataclasses.dataclass(frozen=True)
+class AdapterVersion:
+    """One registered version of ``adapter-<customer>``, as lora-ops reads it."""
+
+    customer: str
+    version: str
+    tags: Mapping[str, str]
+    aliases: tuple[str, ...]
+    run_id: str | None
+    source: str
+    status: str
+    description: str
+
+    @classmethod
+    def of(cls, mv: ModelVersion) -> AdapterVersion:
+        return cls(
+            customer=str(mv.name).removeprefix("adapter-"),
+            version=str(mv.version),
+            tags=dict(mv.tags or {}),
+            aliases=tuple(mv.aliases or ()),
+            run_id=mv.run_id or None,
+            source=str(mv.source),
+            status=str(mv.status),
+            description=str(mv.description or ""),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingRun:
+    """One tracked training run: its id, status and tags."""
+
+    run_id: str
+    status: str
+    tags: Mapping[str, str]
+
+    @classmethod
+    def of(cls, run: Run) -> TrainingRun:
+        return cls(str(run.info.run_id), str(run.info.status), dict(run.data.tags))
+
+
 class RegistryUnavailable(LoraOpsError):
     """The MLflow server could not be reached (down, restarting, or the network)."""
 
@@ -312,7 +352,7 @@ class Registry:
         by_step = {m.step: m.value for m in self.client.get_metric_history(run_id, key)}
         return [by_step[step] for step in sorted(by_step)]
 
-    def find_run(self, customer: str, key: str) -> Run | None:
+    def find_run(self, customer: str, key: str) -> TrainingRun | None:
         """The newest run of ``customer`` tagged with idempotency key ``key``, if any."""
         if not names.SHA256.fullmatch(key):
             raise InputError(f"{key!r} is not a sha256 hex digest", field="key")
@@ -322,7 +362,7 @@ class Registry:
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )
-        return runs[0] if runs else None
+        return TrainingRun.of(runs[0]) if runs else None
 
     def download_run_artifacts(self, run_id: str, artifact_path: str, dst: Path) -> Path:
         """Download ``artifact_path`` of a run into ``dst``; returns the local path."""
@@ -345,7 +385,7 @@ class Registry:
 
     # -- registered versions --------------------------------------------------------------
 
-    def find_version(self, customer: str, key: str) -> ModelVersion | None:
+    def find_version(self, customer: str, key: str) -> AdapterVersion | None:
         """The version of ``adapter-<customer>`` registered under idempotency ``key``, if any."""
         name = names.registered_model_name(customer)
         if not names.SHA256.fullmatch(key):
@@ -357,7 +397,7 @@ class Registry:
             log.debug("tag filter refused (%s); scanning %s", exc, name)
             every = self.client.search_model_versions(f"name = '{name}'")
             found = [v for v in every if v.tags.get(IDEMPOTENCY_KEY_TAG) == key]
-        return min(found, key=lambda v: int(v.version)) if found else None
+        return AdapterVersion.of(min(found, key=lambda v: int(v.version))) if found else None
 
     def register_adapter(
         self,
@@ -367,7 +407,7 @@ class Registry:
         tags: Mapping[str, Any],
         description: str,
         key: str,
-    ) -> ModelVersion:
+    ) -> AdapterVersion:
         """Log the adapter as a pyfunc model of the run and register it as the candidate.
 
         Idempotent: when a version with this ``key`` exists it is returned untouched. A
@@ -419,7 +459,7 @@ class Registry:
             self._delete_version(name, version)
             raise
         log.info("registered %s version %s as %s", name, version, names.CANDIDATE)
-        return registered
+        return AdapterVersion.of(registered)
 
     def _log_pyfunc(
         self, customer: str, run_id: str, adapter_dir: Path, tags: Mapping[str, str]
@@ -483,9 +523,10 @@ class Registry:
         else:
             log.warning("deleted the half-registered %s version %s", name, version)
 
-    def get_version(self, customer: str, version: str | int) -> ModelVersion:
+    def get_version(self, customer: str, version: str | int) -> AdapterVersion:
         """One version of ``adapter-<customer>`` (MLflow raises when it does not exist)."""
-        return self.client.get_model_version(names.registered_model_name(customer), str(version))
+        name = names.registered_model_name(customer)
+        return AdapterVersion.of(self.client.get_model_version(name, str(version)))
 
     def has_version(self, customer: str, version: str | int) -> bool:
         """Whether ``adapter-<customer>`` has version ``version``."""
@@ -503,13 +544,13 @@ class Registry:
         for key, value in tags.items():
             self.client.set_model_version_tag(name, str(version), key, value)
 
-    def latest_versions(self, customer: str, n: int = 5) -> list[ModelVersion]:
+    def latest_versions(self, customer: str, n: int = 5) -> list[AdapterVersion]:
         """The ``n`` newest versions, newest first (empty when nothing is registered)."""
         name = names.registered_model_name(customer)
         found = self.client.search_model_versions(
             f"name = '{name}'", order_by=["version_number DESC"], max_results=n
         )
-        return list(found)
+        return [AdapterVersion.of(mv) for mv in found]
 
     # -- aliases ------------------------------------------------------------------------
 
@@ -537,13 +578,12 @@ class Registry:
         self.client.set_registered_model_alias(name, alias, str(version))
         log.info("%s@%s -> version %s", name, alias, version)
 
-    def get_version_by_alias(self, customer: str, alias: str) -> ModelVersion | None:
+    def get_version_by_alias(self, customer: str, alias: str) -> AdapterVersion | None:
         """The version ``alias`` points at; None when the alias (or the model) is missing."""
-        name = names.registered_model_name(customer)
-        version = self._aliases_of(name).get(alias)
-        return None if version is None else self.client.get_model_version(name, version)
+        version = self._aliases_of(names.registered_model_name(customer)).get(alias)
+        return None if version is None else self.get_version(customer, version)
 
-    def promote_to_production(self, customer: str, version: str | int) -> ModelVersion:
+    def promote_to_production(self, customer: str, version: str | int) -> AdapterVersion:
         """Make ``version`` production; the one it replaces becomes ``previous``.
 
         Promoting the ``previous`` version is a rollback (the two swap). If setting an
@@ -555,7 +595,7 @@ class Registry:
         current = before[names.PRODUCTION]
         if current == target:
             log.info("%s version %s is already production", name, current)
-            return self.client.get_model_version(name, target)
+            return self.get_version(customer, target)
         try:
             if current is not None:
                 self.client.set_registered_model_alias(name, names.PREVIOUS, current)
@@ -568,9 +608,9 @@ class Registry:
                 log.exception("could not restore %s's aliases to %s", name, before)
             raise
         log.info("%s: production %s -> %s", name, current, target)
-        return self.client.get_model_version(name, target)
+        return self.get_version(customer, target)
 
-    def production_versions(self, base_model: str) -> list[tuple[str, ModelVersion]]:
+    def production_versions(self, base_model: str) -> list[tuple[str, AdapterVersion]]:
         """(customer, version) of every customer whose production adapter fits ``base_model``."""
         found = []
         for model in self.client.search_registered_models("name LIKE 'adapter-%'"):
@@ -579,7 +619,7 @@ class Registry:
                 continue
             mv = self.client.get_model_version(model.name, str(version))
             if mv.tags.get("base_model") == base_model:
-                found.append((model.name.removeprefix("adapter-"), mv))
+                found.append((model.name.removeprefix("adapter-"), AdapterVersion.of(mv)))
         return found
 
     def _aliases_of(self, name: str) -> dict[str, str]:

@@ -135,7 +135,7 @@ def test_register_creates_candidate_with_every_tag(
     version = register(registry, "acme-tags", adapters[0], key())
     assert str(version.version) == "1"
     assert version.status == "READY"
-    assert version.aliases == ["candidate"]
+    assert version.aliases == ("candidate",)
     assert version.description == "test"
     assert set(DESIGN_TAGS) <= set(version.tags)
     assert version.tags["customer"] == "acme-tags"
