@@ -31,8 +31,8 @@ from common import (
 
 from lora_ops import base_models
 from lora_ops.adapters import merge_to_folder
+from lora_ops.generation import GenerationRequest, SamplingParams, generate_batch
 from lora_ops.lora import LoraSpec, load_adapter
-from lora_ops.serving.generation import GenerationRequest, SamplingParams, generate_batch
 
 BASE = "smollm2-135m-instruct"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -30,9 +30,9 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 from lora_ops import base_models
+from lora_ops.generation import SamplingParams
 from lora_ops.lora import LoraSpec
 from lora_ops.serving.engine import AdapterSource, Engine
-from lora_ops.serving.generation import SamplingParams
 
 BASE = "smollm2-135m-instruct"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -80,7 +80,8 @@ class AdapterPyfunc(PythonModel):
         Returns:
             The replies, in the order of the prompts.
         """
-        from lora_ops.evaluate import generate_reply
+        from lora_ops.adapters import ADAPTER_NAME
+        from lora_ops.generation import generate_reply
 
         max_new_tokens = int((params or {}).get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
         return [
@@ -89,6 +90,7 @@ class AdapterPyfunc(PythonModel):
                 self.tokenizer,
                 [{"role": "user", "content": prompt}],
                 max_new_tokens=max_new_tokens,
+                adapter=ADAPTER_NAME,
             )
             for prompt in prompts_of(model_input)
         ]

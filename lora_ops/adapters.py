@@ -12,9 +12,11 @@ from lora_ops.errors import InputError
 from lora_ops.files import replace_folder, staging_folder
 from lora_ops.lora import load_adapter, merge_adapter, remove_lora, set_adapter
 
+ADAPTER_NAME = "default"  # the name a single loaded adapter goes by (PEFT's too)
+
 
 def load_adapted(
-    base: str | Path, adapter_dir: Path | None, adapter: str = "default"
+    base: str | Path, adapter_dir: Path | None, adapter: str = ADAPTER_NAME
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The base model (and tokenizer) with the adapter in ``adapter_dir`` switched on."""
     tokenizer = base_models.load_tokenizer(base)

@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lora_ops.base_models import autocast_for
 from lora_ops.batching import Tokenized, collate, count_loss_tokens, summed_nll
 from lora_ops.defaults import DEFAULT_GATE
+from lora_ops.generation import generate_reply
 from lora_ops.lora import adapters_in_use
-
-
-def autocast_for(device: torch.device) -> torch.autocast | nullcontext[None]:
-    """bf16 autocast on CUDA; plain fp32 elsewhere (CPU bf16 is slower and less exact)."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 @torch.no_grad()
@@ -50,30 +43,6 @@ def perplexity(loss: float) -> float:
 
 
 @torch.no_grad()
-def generate_reply(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    messages: Sequence[dict[str, str]],
-    max_new_tokens: int = 64,
-) -> str:
-    """The greedy assistant reply to a chat, rendered with the model's chat template."""
-    device = next(model.parameters()).device
-    encoded = tokenizer.apply_chat_template(
-        list(messages), add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
-    input_ids = cast(Mapping[str, torch.Tensor], encoded)["input_ids"].to(device)
-    with autocast_for(device):
-        output = model.generate(  # type: ignore[operator]  # transformers types it loosely
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    return str(tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)).strip()
-
-
 @dataclass(frozen=True)
 class GateDecision:
     """Whether a candidate adapter may be registered, with the figures behind it."""
@@ -162,8 +131,7 @@ def evaluate_adapters(
     for messages in prompts:
         row = {"prompt": messages[-1]["content"]}
         for column, adapter in (("base", None), ("candidate", "candidate")):
-            with adapters_in_use(model, adapter):
-                row[column] = generate_reply(model, tokenizer, messages, max_new_tokens)
+            row[column] = generate_reply(model, tokenizer, messages, max_new_tokens, adapter)
         generations.append(row)
     return Evaluation(
         base_loss=losses[None],

@@ -7,15 +7,15 @@ by the batch; each adapter's low-rank update runs on its own rows (``set_row_ada
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from lora_ops.base_models import autocast_for
 from lora_ops.errors import InputError
-from lora_ops.evaluate import autocast_for
 from lora_ops.lora import adapters_in_use
 
 # Dividing logits by a temperature this small overflows to inf (then NaN probabilities);
@@ -129,6 +129,34 @@ def generate_batch(
             step_ids = torch.tensor(next_ids, device=device).unsqueeze(1)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], 1)
     return [_result(row) for row in rows]
+
+
+def encode_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]
+) -> list[int]:
+    """A chat's prompt ids with the assistant turn opened, as every decoder here renders it."""
+    encoded = tokenizer.apply_chat_template(
+        list(messages), add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    # return_dict=True gives a BatchEncoding; the declared return type is a union of every mode.
+    return list(cast(Mapping[str, list[int]], encoded)["input_ids"])
+
+
+def generate_reply(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[dict[str, str]],
+    max_new_tokens: int = 64,
+    adapter: str | None = None,
+) -> str:
+    """The greedy assistant reply to a chat through ``adapter`` (None: the base), rendered
+    with the model's chat template: one row of the replica's decoder, so evaluation, the
+    pyfunc, `lora-ops generate` and the replica answer alike."""
+    request = GenerationRequest(
+        encode_chat(tokenizer, messages), adapter, SamplingParams(max_tokens=max_new_tokens)
+    )
+    (result,) = generate_batch(model, tokenizer, [request])
+    return result.text.strip()
 
 
 def _advance(

@@ -3,13 +3,11 @@ recorded when the version was registered."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import cast
 
 from lora_ops import base_models
+from lora_ops.generation import GenerationRequest, SamplingParams, encode_chat, generate_batch
 from lora_ops.lora import load_adapter
-from lora_ops.serving.generation import GenerationRequest, SamplingParams, generate_batch
 
 SMOKE_MESSAGES = [{"role": "user", "content": "Hello! What can you help me with?"}]
 SMOKE_MAX_TOKENS = 16
@@ -22,10 +20,6 @@ def smoke_reply(base: str, adapter_dir: Path) -> str:
     tokenizer = base_models.load_tokenizer(base)
     model = base_models.load_model(base)
     load_adapter(model, adapter_dir, "smoke")
-    encoded = tokenizer.apply_chat_template(
-        SMOKE_MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=True
-    )
-    # return_dict=True gives a BatchEncoding; the declared return type is a union of every mode.
-    prompt = cast(Mapping[str, list[int]], encoded)["input_ids"]
-    request = GenerationRequest(list(prompt), "smoke", SamplingParams(max_tokens=SMOKE_MAX_TOKENS))
+    prompt = encode_chat(tokenizer, SMOKE_MESSAGES)
+    request = GenerationRequest(prompt, "smoke", SamplingParams(max_tokens=SMOKE_MAX_TOKENS))
     return generate_batch(model, tokenizer, [request])[0].text

@@ -21,10 +21,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from lora_ops import checkpoints
+from lora_ops.base_models import autocast_for
 from lora_ops.batching import Tokenized, collate, count_loss_tokens, summed_nll
 from lora_ops.config import TrainConfig
 from lora_ops.errors import InputError
-from lora_ops.evaluate import autocast_for, eval_loss
+from lora_ops.evaluate import eval_loss
 from lora_ops.lora import adapters_in_use, apply_lora, save_adapter
 
 log = logging.getLogger(__name__)

@@ -156,8 +156,8 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(min=1, max=4096)] = 64,
 ) -> None:
     """Print the greedy reply to PROMPT, rendered with the base's chat template."""
-    from lora_ops.adapters import load_adapted
-    from lora_ops.evaluate import generate_reply
+    from lora_ops.adapters import ADAPTER_NAME, load_adapted
+    from lora_ops.generation import generate_reply
 
     if not prompt.strip():
         raise InputError("must not be empty", field="--prompt")
@@ -165,4 +165,5 @@ def generate(
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}
     ]
-    print(generate_reply(model, tokenizer, messages, max_new_tokens))  # noqa: T201
+    on = ADAPTER_NAME if adapter else None
+    print(generate_reply(model, tokenizer, messages, max_new_tokens, on))  # noqa: T201

@@ -22,10 +22,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lora_ops.errors import InputError, LoraOpsError
+from lora_ops.generation import GenerationResult, SamplingParams
 from lora_ops.serving import schemas
 from lora_ops.serving.access import Access, AccessDenied, KeyGrant
 from lora_ops.serving.engine import AdapterSource, Engine, Overloaded, UnknownModel
-from lora_ops.serving.generation import GenerationResult, SamplingParams
 from lora_ops.serving.limits import BodyLimit, BodyTooLarge
 from lora_ops.serving.metrics import replica_metrics
 from lora_ops.serving.openapi import ADMIN_RESPONSES, INFERENCE_RESPONSES, document_errors

@@ -16,22 +16,22 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
 
 from lora_ops import base_models
 from lora_ops.errors import InputError, LoraOpsError
-from lora_ops.serving.cache import AdapterCache, CacheStats, UnknownModel
-from lora_ops.serving.generation import (
+from lora_ops.generation import (
     GenerationRequest,
     GenerationResult,
     SamplingParams,
     TokenCallback,
+    encode_chat,
     generate_batch,
 )
+from lora_ops.serving.cache import AdapterCache, CacheStats, UnknownModel
 from lora_ops.serving.sources import AdapterSource, SourcePolicy, SourceUnavailable
 from lora_ops.settings import get_settings
 
@@ -158,11 +158,7 @@ class Engine:
     # -- requests -------------------------------------------------------------------------
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        encoded = self.tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=True, return_dict=True
-        )
-        # return_dict=True gives a BatchEncoding; the declared return type is a union of every mode.
-        return list(cast(Mapping[str, list[int]], encoded)["input_ids"])
+        return encode_chat(self.tokenizer, messages)
 
     def encode_text(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])

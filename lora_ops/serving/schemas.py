@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from lora_ops.serving.generation import SamplingParams
+from lora_ops.generation import SamplingParams
 
 
 class _Request(BaseModel):

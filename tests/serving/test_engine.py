@@ -12,9 +12,9 @@ import pytest
 from lora_ops import base_models
 from lora_ops.errors import InputError
 from lora_ops.files import sha256_file
+from lora_ops.generation import GenerationRequest, SamplingParams, generate_batch
 from lora_ops.lora import LoraSpec, apply_lora, save_adapter
 from lora_ops.serving.engine import AdapterSource, Engine, UnknownModel
-from lora_ops.serving.generation import GenerationRequest, SamplingParams, generate_batch
 from tests.helpers import randomize_adapter
 
 CUSTOMERS = ["acme", "globex", "initech", "hooli", "umbrella"]

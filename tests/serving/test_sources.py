@@ -10,9 +10,9 @@ import pytest
 
 from lora_ops.errors import InputError
 from lora_ops.files import sha256_file
+from lora_ops.generation import SamplingParams
 from lora_ops.lora.peft_format import read_adapter_tensors
 from lora_ops.serving.engine import AdapterSource, Engine, UnknownModel
-from lora_ops.serving.generation import SamplingParams
 from lora_ops.serving.sources import SourcePolicy, SourceUnavailable
 from tests.serving.replicas import make_adapters
 

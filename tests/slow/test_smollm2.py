@@ -14,8 +14,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from lora_ops import base_models, data
 from lora_ops.config import TrainConfig
-from lora_ops.evaluate import generate_reply
 from lora_ops.files import sha256_file
+from lora_ops.generation import generate_reply
 from lora_ops.lora import LoraSpec, adapters_in_use, apply_lora, load_adapter, save_adapter
 from lora_ops.train import train_adapter
 from tests.helpers import randomize_adapter, sample_input_ids
