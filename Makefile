@@ -78,7 +78,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy lora_ops
+	$(VENV)/bin/mypy lora_ops flows
 	$(VENV)/bin/lint-imports
 
 fmt: $(STAMP)

@@ -165,21 +165,30 @@ class WorkerSupervisor:
     def _stop(self) -> int:
         assert self._process is not None
         worker = self._process
+        # Found before the worker is told to stop: a worker that exits at once (a second
+        # SIGINT makes Prefect's kill itself) leaves its flow runs orphaned, out of reach.
+        running = {run.flow_run_id: run.pid for run in flow_run_processes(worker.pid)}
         worker.send_signal(signal.SIGINT)  # Prefect's worker: stop taking runs
-        interrupted: dict[UUID, None] = {}
+        stopped: set[UUID] = set()
         deadline = time.monotonic() + self.grace_s + 30
-        # Until the worker is gone: a run it was handing to a process as the signal came
-        # shows up a moment later, and is stopped the same way.
-        while worker.poll() is None and time.monotonic() < deadline:
-            for run in flow_run_processes(worker.pid):
-                interrupted[run.flow_run_id] = None
-                _stop_session(run.pid, self.grace_s)
+        while True:
+            # A run the worker was handing to a process as the signal came shows up a
+            # moment later, and is stopped the same way.
+            if worker.poll() is None:
+                running |= {run.flow_run_id: run.pid for run in flow_run_processes(worker.pid)}
+            for run_id, pid in running.items():
+                if run_id not in stopped:
+                    _stop_session(pid, self.grace_s)
+                    stopped.add(run_id)
+            if worker.poll() is not None or time.monotonic() > deadline:
+                break
             time.sleep(0.2)
+        interrupted = list(running)
         if worker.poll() is None:
             worker.kill()
             worker.wait()
         if interrupted:
-            for run_id in hand_back(list(interrupted)):
+            for run_id in hand_back(interrupted):
                 log.warning("flow run %s handed back to the pool", run_id)
         log.warning("worker stopped")
         return 0
