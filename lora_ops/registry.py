@@ -617,9 +617,9 @@ class Registry:
             version = model.aliases.get(names.PRODUCTION)
             if version is None:
                 continue
-            mv = self.client.get_model_version(model.name, str(version))
-            if mv.tags.get("base_model") == base_model:
-                found.append((model.name.removeprefix("adapter-"), AdapterVersion.of(mv)))
+            adapter = AdapterVersion.of(self.client.get_model_version(model.name, str(version)))
+            if adapter.tags.get("base_model") == base_model:
+                found.append((adapter.customer, adapter))
         return found
 
     def _aliases_of(self, name: str) -> dict[str, str]:
