@@ -49,9 +49,9 @@ import torch
 from common import percentile, pick_device, report, write_random_adapters
 
 from lora_ops import base_models
-from lora_ops import stack as embedded
 from lora_ops.lora import LoraSpec
 from lora_ops.settings import Settings
+from lora_ops.stack import environment, health, parts
 from lora_ops.storage import Storage
 
 BASE = "smollm2-135m-instruct"
@@ -303,14 +303,14 @@ def s3_server(settings: Settings) -> Iterator[Storage]:
     url = settings.s3_endpoint_url
     with (state / "logs" / "s3.log").open("wb") as out:
         process = subprocess.Popen(
-            embedded._command("s3", settings, state),
-            env=embedded._child_env("s3", settings, state),
+            parts.command("s3", settings, state),
+            env=environment.child_env("s3", settings, state),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     try:
-        if not embedded._wait_healthy("s3", url, process, 30):
+        if not health.wait_healthy("s3", url, process, 30):
             raise RuntimeError(f"S3 did not start: {(state / 'logs' / 's3.log').read_text()}")
         storage = Storage(
             url,

@@ -27,6 +27,7 @@ from lora_ops.cli import app
 from lora_ops.db import Database
 from lora_ops.fleet import Fleet
 from lora_ops.settings import Settings
+from lora_ops.stack import environment, parts
 from tests.integration.conftest import OUTSIDE_VARIABLES, RunningStack, free_ports, stack_settings
 
 pytestmark = pytest.mark.integration
@@ -197,7 +198,7 @@ def test_a_taken_port_is_refused_naming_its_variable(own_env: Settings) -> None:
 def test_a_part_that_dies_at_start_is_reported_and_rolled_back(
     own_env: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_command = embedded._command
+    real_command = parts.command
     crash = "import os, sys; print('boom', os.environ['AWS_SECRET_ACCESS_KEY']); sys.exit(3)"
 
     def command(name: str, settings: Settings, state: Path) -> list[str]:
@@ -205,7 +206,7 @@ def test_a_part_that_dies_at_start_is_reported_and_rolled_back(
             return [sys.executable, "-c", crash]
         return real_command(name, settings, state)
 
-    monkeypatch.setattr(embedded, "_command", command)
+    monkeypatch.setattr(parts, "command", command)
     with pytest.raises(embedded.StackError) as raised:
         embedded.up(own_env)
     message = str(raised.value)
@@ -342,10 +343,10 @@ def test_the_callers_client_settings_never_reach_the_stacks_parts(
     for name, value in elsewhere.items():
         monkeypatch.setenv(name, value)
     for part in ("worker", "replica", "mlflow", "prefect", "s3"):
-        env = embedded._child_env(part, own_env, own_env.state_dir)
+        env = environment.child_env(part, own_env, own_env.state_dir)
         leaked = {name: env[name] for name in elsewhere if env.get(name) == elsewhere[name]}
         assert leaked == {}, part
-    env = embedded._child_env("worker", own_env, own_env.state_dir)
+    env = environment.child_env("worker", own_env, own_env.state_dir)
     with monkeypatch.context() as child:
         for name in OUTSIDE_VARIABLES:
             child.delenv(name, raising=False)
