@@ -18,6 +18,9 @@ from lora_ops.config import TrainConfig
 from lora_ops.defaults import DEFAULT_BASE, DEFAULT_GATE
 
 RETRAIN_FLOW = "retrain"
+# Frozen, so one shared default is safe; a default_factory would leave a Python caller with
+# PydanticUndefined and make `config` required in the deployment's parameter schema.
+DEFAULT_CONFIG = TrainConfig()
 
 
 @flow(name=RETRAIN_FLOW, log_prints=False)
@@ -25,7 +28,7 @@ def retrain(  # noqa: PLR0913 - a flow's parameters are its deployments' API
     customer: str,
     data_uri: str,
     base: str = DEFAULT_BASE,
-    config: TrainConfig = Field(default_factory=TrainConfig),  # noqa: B008 - Prefect form
+    config: TrainConfig = DEFAULT_CONFIG,
     min_improvement: float = Field(DEFAULT_GATE.min_improvement, ge=0, lt=1),
     production_tolerance: float = Field(DEFAULT_GATE.production_tolerance, ge=0, lt=1),
     auto_deploy: bool = False,
