@@ -18,7 +18,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.exceptions import NotPausedError
 from prefect.flow_runs import resume_flow_run
 
-from lora_ops import review
+from lora_ops.registry import review
 from lora_ops.settings import get_settings
 
 REVIEW_SWEEP_FLOW = "review-sweep"

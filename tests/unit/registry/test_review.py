@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lora_ops import review
 from lora_ops.errors import InputError
+from lora_ops.registry import review
 
 
 @pytest.mark.parametrize(
