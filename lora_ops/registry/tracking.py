@@ -88,7 +88,7 @@ class TrainingRun:
 
 
 class TrainingRuns(Connection):
-    """Every customer's training runs in one MLflow installation (arguments: Connection's)."""
+    """Every customer's training runs in one MLflow installation; built as a Connection is."""
 
     def experiment_id(self, customer: str) -> str:
         """The id of experiment ``lora-ops/<customer>``, created (or restored) if needed."""

@@ -76,8 +76,8 @@ class AdapterVersion:
 
 
 class AdapterVersions(Connection):
-    """Every customer's registered adapters in one MLflow installation (arguments:
-    Connection's)."""
+    """Every customer's registered adapters in one MLflow installation; built as a Connection
+    is."""
 
     # -- registering ----------------------------------------------------------------------
 
