@@ -18,7 +18,8 @@ from prefect.client.schemas.objects import StateType
 from prefect.exceptions import NotPausedError
 from prefect.flow_runs import resume_flow_run
 
-from lora_ops import review
+from lora_ops.registry import review
+from lora_ops.registry.tags import APPROVED_TAG
 from lora_ops.settings import get_settings
 
 REVIEW_SWEEP_FLOW = "review-sweep"
@@ -42,10 +43,11 @@ def await_review(customer: str, version: str, timeout_s: float) -> bool:
         attempt += 1
         remaining = max(1, int(deadline - time.monotonic()))
         logger.info(
-            "adapter-%s version %s waits for review: set its tag approved=true (or false) in "
+            "adapter-%s version %s waits for review: set its tag %s=true (or false) in "
             "MLflow, or run `lora-ops approve --customer %s --version %s`",
             customer,
             version,
+            APPROVED_TAG,
             customer,
             version,
         )

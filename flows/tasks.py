@@ -8,9 +8,10 @@ from prefect import Task, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State, TaskRun
 
-from lora_ops import pipeline, review
+from lora_ops import pipeline
 from lora_ops.config import TrainConfig
 from lora_ops.errors import InputError
+from lora_ops.registry import review
 
 
 def retry_unless_bad_input(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:

@@ -13,12 +13,12 @@ import os
 import socket
 from dataclasses import dataclass
 
-from lora_ops import customers, names, review
+from lora_ops import customers, names
 from lora_ops.db import Database
 from lora_ops.errors import InputError, LoraOpsError
 from lora_ops.fleet import Fleet, ReplicaError
-from lora_ops.registry import AdapterVersion, Registry
-from lora_ops.smoke import ADAPTER_SHA256_TAG, SMOKE_OUTPUT_TAG
+from lora_ops.registry import AdapterVersion, Registry, review
+from lora_ops.registry.tags import ADAPTER_SHA256_TAG, APPROVED_TAG, SMOKE_OUTPUT_TAG
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def _check_review(db: Database, customer: str, version: AdapterVersion) -> None:
     why = "was rejected in review" if decision is False else "needs a reviewer's approval"
     raise InputError(
         f"adapter-{customer} version {version.version} {why}: approve it in the MLflow UI "
-        f"(version tag approved=true) or with `lora-ops approve --customer {customer} "
+        f"(version tag {APPROVED_TAG}=true) or with `lora-ops approve --customer {customer} "
         f"--version {version.version}`",
         field="version",
     )

@@ -23,6 +23,18 @@ from lora_ops.evaluate import GateDecision, decide_gate, evaluate_adapters, perp
 from lora_ops.files import sha256_file
 from lora_ops.lora import load_adapter
 from lora_ops.registry import Registry, adapter_tags, idempotency_key
+from lora_ops.registry.tags import (
+    ADAPTER_SHA256_TAG,
+    GATE_FAILED,
+    GATE_PASSED,
+    GATE_REASON_TAG,
+    GATE_TAG,
+    IDEMPOTENCY_KEY_TAG,
+    SMOKE_OUTPUT_TAG,
+    TRAINING_DONE,
+    TRAINING_DONE_TAG,
+    TRAINING_STEPS_TAG,
+)
 from lora_ops.report import gate_markdown, plot_loss_curve
 from lora_ops.settings import Settings, get_settings
 from lora_ops.storage import Storage
@@ -31,8 +43,6 @@ from lora_ops.train import StepMetrics, train_adapter
 log = logging.getLogger(__name__)
 
 PROMPTS_FILE = "prompts.json"
-TRAINING_DONE_TAG = "lora_ops.training"
-TRAINING_STEPS_TAG = "lora_ops.training_steps"
 SAMPLE_PROMPTS = 4
 
 
@@ -180,11 +190,11 @@ def train_step(
     settings, storage, registry = _services(settings)
     key, base_sha = run_key(dataset, config)
     run = registry.find_run(dataset.customer, key)
-    if run is not None and run.tags.get(TRAINING_DONE_TAG) == "done":
+    if run is not None and run.tags.get(TRAINING_DONE_TAG) == TRAINING_DONE:
         log.info("training run %s for this data and config is finished: reusing it", run.run_id)
         return TrainedRef(run.run_id, key, base_sha, 0, reused=True)
     if run is None:
-        run_id = registry.start_run(dataset.customer, tags={"idempotency_key": key})
+        run_id = registry.start_run(dataset.customer, tags={IDEMPOTENCY_KEY_TAG: key})
         registry.log_params(run_id, _run_params(dataset, config, base_sha))
     else:
         run_id = run.run_id
@@ -193,7 +203,7 @@ def train_step(
         dataset, config, key, run_id, settings, storage, registry, progress
     )
     registry.set_tag(run_id, TRAINING_STEPS_TAG, str(result))
-    registry.set_tag(run_id, TRAINING_DONE_TAG, "done")
+    registry.set_tag(run_id, TRAINING_DONE_TAG, TRAINING_DONE)
     registry.end_run(run_id, "FINISHED")
     return TrainedRef(run_id, key, base_sha, result, reused=False)
 
@@ -209,7 +219,7 @@ def finished_training(
     _, _, registry = _services(settings)
     key, base_sha = run_key(dataset, config)
     run = registry.find_run(dataset.customer, key)
-    if run is None or run.tags.get(TRAINING_DONE_TAG) != "done":
+    if run is None or run.tags.get(TRAINING_DONE_TAG) != TRAINING_DONE:
         raise LoraOpsError(
             f"no finished training run of {dataset.customer} for dataset {dataset.sha256[:12]} "
             f"and this config (idempotency key {key[:12]})"
@@ -409,8 +419,8 @@ def _log_evaluation(
     registry.log_metrics(run_id, metrics)
     columns = {name: [row[name] for row in generations] for name in ("prompt", "base", "candidate")}
     registry.log_table(run_id, columns, "eval/generations.json")
-    registry.set_tag(run_id, "gate", "passed" if gate.passed else "failed")
-    registry.set_tag(run_id, "gate_reason", gate.reason)
+    registry.set_tag(run_id, GATE_TAG, GATE_PASSED if gate.passed else GATE_FAILED)
+    registry.set_tag(run_id, GATE_REASON_TAG, gate.reason)
 
 
 def register_step(
@@ -444,8 +454,8 @@ def register_step(
     with tempfile.TemporaryDirectory() as work:
         adapter_dir = registry.download_run_artifacts(trained.run_id, "adapter", Path(work))
         # What deploys check: the weights' checksum, and the answer to the smoke prompt.
-        tags[smoke.ADAPTER_SHA256_TAG] = sha256_file(adapter_dir / "adapter_model.safetensors")
-        tags[smoke.SMOKE_OUTPUT_TAG] = smoke.smoke_reply(dataset.base, adapter_dir)
+        tags[ADAPTER_SHA256_TAG] = sha256_file(adapter_dir / "adapter_model.safetensors")
+        tags[SMOKE_OUTPUT_TAG] = smoke.smoke_reply(dataset.base, adapter_dir)
         version = registry.register_adapter(
             dataset.customer, trained.run_id, adapter_dir, tags, outcome.markdown, trained.key
         )

@@ -11,8 +11,6 @@ from lora_ops.lora import load_adapter
 
 SMOKE_MESSAGES = [{"role": "user", "content": "Hello! What can you help me with?"}]
 SMOKE_MAX_TOKENS = 16
-SMOKE_OUTPUT_TAG = "smoke_output"
-ADAPTER_SHA256_TAG = "adapter_sha256"
 
 
 def smoke_reply(base: str, adapter_dir: Path) -> str:

@@ -249,8 +249,8 @@ def customers_show(
 
 
 def _versions_table(customer: str, count: int) -> Table:
-    from lora_ops import review
-    from lora_ops.registry import Registry
+    from lora_ops.registry import Registry, review
+    from lora_ops.registry.tags import BASE_EVAL_LOSS_TAG, EVAL_LOSS_TAG, GATE_TAG, REVIEW_TAG
 
     registry = Registry()
     aliases: dict[str, list[str]] = {}
@@ -264,15 +264,15 @@ def _versions_table(customer: str, count: int) -> Table:
         tags = version.tags
         decision = review.decision_of(tags)
         if decision is None:
-            verdict = tags.get(review.REVIEW_TAG, "-")
+            verdict = tags.get(REVIEW_TAG, "-")
         else:
             verdict = review.APPROVED if decision else review.REJECTED
         table.add_row(
             str(version.version),
             ", ".join(aliases.get(str(version.version), [])) or "-",
-            tags.get("gate", "-"),
-            tags.get("eval_loss", "-"),
-            tags.get("base_eval_loss", "-"),
+            tags.get(GATE_TAG, "-"),
+            tags.get(EVAL_LOSS_TAG, "-"),
+            tags.get(BASE_EVAL_LOSS_TAG, "-"),
             verdict,
         )
     return table

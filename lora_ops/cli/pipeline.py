@@ -195,7 +195,8 @@ def approve(
     The decision is the version's MLflow tag `approved` (true or false), the same one a
     reviewer can set in the MLflow UI.
     """
-    from lora_ops import names, review
+    from lora_ops import names
+    from lora_ops.registry import review
     from lora_ops.settings import get_settings
 
     names.check_customer(customer)

@@ -65,7 +65,7 @@ def load_production_adapters(engine: Engine, base_model: str) -> list[str]:
     the replica from serving everyone else.
     """
     from lora_ops.registry import Registry
-    from lora_ops.smoke import ADAPTER_SHA256_TAG
+    from lora_ops.registry.tags import ADAPTER_SHA256_TAG
 
     loaded = []
     for customer, version in Registry().production_versions(base_model):

@@ -123,6 +123,8 @@ def test_deploy_of_an_unapproved_version_is_refused_before_any_replica_is_touche
 
     from lora_ops.deployment import _check_review
     from lora_ops.errors import InputError
+    from lora_ops.registry.review import PENDING
+    from lora_ops.registry.tags import APPROVED_TAG, REVIEW_TAG
 
     def version(**tags: str) -> ModelVersion:
         pairs = [ModelVersionTag(key, value) for key, value in tags.items()]
@@ -130,10 +132,10 @@ def test_deploy_of_an_unapproved_version_is_refused_before_any_replica_is_touche
 
     ok("customers", "add", "acme", "--data", str(SAMPLE), "--require-review")
     with pytest.raises(InputError, match="version 3 needs a reviewer's approval"):
-        _check_review(Database(), "acme", version(review="pending"))
+        _check_review(Database(), "acme", version(**{REVIEW_TAG: PENDING}))
     with pytest.raises(InputError, match="version 3 was rejected in review"):
-        _check_review(Database(), "acme", version(approved="false"))
-    _check_review(Database(), "acme", version(approved="true"))
+        _check_review(Database(), "acme", version(**{APPROVED_TAG: "false"}))
+    _check_review(Database(), "acme", version(**{APPROVED_TAG: "true"}))
     ok("customers", "update", "acme", "--no-require-review")
     _check_review(Database(), "acme", version())
 

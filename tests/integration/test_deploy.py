@@ -16,7 +16,7 @@ from lora_ops.deployment import DeployFailed, deploy, rollback
 from lora_ops.fleet import Fleet
 from lora_ops.lora import LoraSpec
 from lora_ops.registry import Registry
-from lora_ops.smoke import SMOKE_OUTPUT_TAG
+from lora_ops.registry.tags import SMOKE_OUTPUT_TAG
 from tests.integration.conftest import free_port
 from tests.processes import ReplicaProcess
 

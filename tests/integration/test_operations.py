@@ -21,7 +21,14 @@ from lora_ops.cli import app
 from lora_ops.cli.common import out
 from lora_ops.db import Database
 from lora_ops.fleet import Fleet
-from lora_ops.registry import Registry
+from lora_ops.registry import Registry, review
+from lora_ops.registry.tags import (
+    APPROVED_TAG,
+    REVIEW_TAG,
+    REVIEWED_BY_TAG,
+    TRAINING_DONE,
+    TRAINING_DONE_TAG,
+)
 from tests.integration.conftest import RunningStack, free_port
 from tests.processes import ReplicaProcess, WorkerProcess
 
@@ -245,14 +252,14 @@ def test_review_holds_the_deploy_until_approval_and_a_rejection_ends_the_run(
 
     paused = prefect.wait(prefect.run("retrain/review-co"), until={"PAUSED", *FINAL})
     assert paused["state"]["type"] == "PAUSED", paused["state"]
-    assert registry.get_version("review-co", "1").tags["review"] == "pending"
+    assert registry.get_version("review-co", "1").tags[REVIEW_TAG] == review.PENDING
     assert registry.get_aliases("review-co")[names.PRODUCTION] is None
     assert "review-co" not in fleet.models(url)
     refused = runner.invoke(app, ["deploy", "--customer", "review-co", "--version", "1"])
     assert "needs a reviewer's approval" in str(refused.exception)
 
     # The reviewer's click in the MLflow UI: a tag on the version; the sweep resumes the run.
-    registry.client.set_model_version_tag("adapter-review-co", "1", "approved", "true")
+    registry.client.set_model_version_tag("adapter-review-co", "1", APPROVED_TAG, "true")
     prefect.wait(prefect.run(f"review-sweep/{worker.pool}"))
     approved = prefect.wait(paused["id"])
     assert approved["state"]["name"] == "Deployed", approved["state"]
@@ -263,7 +270,7 @@ def test_review_holds_the_deploy_until_approval_and_a_rejection_ends_the_run(
         more.write("".join(SAMPLE.read_text().splitlines(keepends=True)[160:170]))
     second = prefect.wait(prefect.run("retrain/review-co"), until={"PAUSED", *FINAL})
     assert second["state"]["type"] == "PAUSED", second["state"]
-    registry.client.set_model_version_tag("adapter-review-co", "2", "approved", "false")
+    registry.client.set_model_version_tag("adapter-review-co", "2", APPROVED_TAG, "false")
     prefect.wait(prefect.run(f"review-sweep/{worker.pool}"))
     rejected = prefect.wait(second["id"])
     assert rejected["state"]["name"] == "Rejected", rejected["state"]
@@ -275,7 +282,8 @@ def test_review_holds_the_deploy_until_approval_and_a_rejection_ends_the_run(
     approved_now = cli("approve", "--customer", "review-co", "--version", "2", "--reviewer", "dana")
     assert "adapter-review-co version 2 approved by dana" in approved_now
     tags = registry.get_version("review-co", "2").tags
-    assert (tags["approved"], tags["review"], tags["reviewed_by"]) == ("true", "approved", "dana")
+    decided = (tags[APPROVED_TAG], tags[REVIEW_TAG], tags[REVIEWED_BY_TAG])
+    assert decided == ("true", review.APPROVED, "dana")
     cli("deploy", "--customer", "review-co", "--version", "2")
     assert fleet.served_from(url)["review-co"].endswith("adapter-review-co/2")
 
@@ -305,7 +313,7 @@ def test_training_runs_on_its_own_work_pool(
     assert run["parameters"]["dataset"]["customer"] == "gpu-co"
     assert run["parent_task_run_id"] is not None  # a subflow of the retrain run
     version = Registry().get_version("gpu-co", "1")
-    assert Registry().client.get_run(version.run_id).data.tags["lora_ops.training"] == "done"
+    assert Registry().client.get_run(version.run_id).data.tags[TRAINING_DONE_TAG] == TRAINING_DONE
 
 
 def flow_run_pids(run_id: str) -> list[int]:

@@ -16,6 +16,13 @@ from lora_ops.errors import InputError
 from lora_ops.lora import LoraSpec, adapters_in_use, load_adapter
 from lora_ops.pipeline import GateFailed
 from lora_ops.registry import Registry
+from lora_ops.registry.tags import (
+    CUSTOMER_TAG,
+    DATASET_SHA256_TAG,
+    DESIGN_TAGS,
+    GATE_PASSED,
+    GATE_TAG,
+)
 from lora_ops.storage import Storage
 
 pytestmark = pytest.mark.integration
@@ -59,21 +66,10 @@ def test_retrain_registers_a_candidate_with_files_peft_loads(
     version = registry.get_version_by_alias("acme", "candidate")
     assert version is not None
     assert str(version.version) == result["version"] == "1"
-    for tag in (
-        "customer",
-        "base_model",
-        "base_model_sha256",
-        "dataset_sha256",
-        "lora_r",
-        "lora_alpha",
-        "target_modules",
-        "eval_loss",
-        "base_eval_loss",
-        "gate",
-    ):
+    for tag in (CUSTOMER_TAG, *DESIGN_TAGS):
         assert tag in version.tags, tag
-    assert version.tags["gate"] == "passed"
-    assert version.tags["dataset_sha256"] == result["dataset_sha256"]
+    assert version.tags[GATE_TAG] == GATE_PASSED
+    assert version.tags[DATASET_SHA256_TAG] == result["dataset_sha256"]
     assert bucket_keys(stack, f"datasets/acme/{result['dataset_sha256']}/")
     assert any(k.endswith("adapter_model.safetensors") for k in bucket_keys(stack, "mlflow/"))
 

@@ -18,8 +18,14 @@ from lora_ops import names
 from lora_ops.errors import LoraOpsError
 from lora_ops.files import sha256_file
 from lora_ops.registry import Registry
+from lora_ops.registry.tags import (
+    ADAPTER_SHA256_TAG,
+    DATASET_SHA256_TAG,
+    GATE_PASSED,
+    GATE_TAG,
+    IDEMPOTENCY_KEY_TAG,
+)
 from lora_ops.settings import Settings
-from lora_ops.smoke import ADAPTER_SHA256_TAG
 from lora_ops.storage import MANIFEST, Storage
 
 WEIGHTS = "adapter_model.safetensors"
@@ -41,13 +47,15 @@ def check_consistency(settings: Settings, customer: str, work: Path) -> list[str
         folder = registry.download_adapter((customer, number), work / f"v{number}")
         if sha256_file(folder / WEIGHTS) != tags.get(ADAPTER_SHA256_TAG):
             problems.append(f"version {number}: weights differ from the recorded sha256")
-        if tags.get("gate") != "passed":
-            problems.append(f"version {number}: registered with gate {tags.get('gate')!r}")
-        key = tags.get("idempotency_key", "")
+        if tags.get(GATE_TAG) != GATE_PASSED:
+            problems.append(f"version {number}: registered with gate {tags.get(GATE_TAG)!r}")
+        key = tags.get(IDEMPOTENCY_KEY_TAG, "")
         if key in seen_keys:
             problems.append(f"versions {seen_keys[key]} and {number} hold the same training")
         seen_keys[key] = number
-        root = names.s3_uri(settings.bucket, names.dataset_prefix(customer, tags["dataset_sha256"]))
+        root = names.s3_uri(
+            settings.bucket, names.dataset_prefix(customer, tags[DATASET_SHA256_TAG])
+        )
         listed = storage.list_keys(root)
         if not any(k.endswith(f"/{MANIFEST}") for k in listed) or not storage.exists(
             root + "prompts.json"

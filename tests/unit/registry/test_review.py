@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from lora_ops import review
 from lora_ops.errors import InputError
+from lora_ops.registry import review
+from lora_ops.registry.tags import APPROVED_TAG, REVIEW_TAG
 
 
 @pytest.mark.parametrize(
     ("tags", "decision"),
     [
         ({}, None),
-        ({"review": "pending"}, None),
-        ({"approved": "true"}, True),
-        ({"approved": " TRUE "}, True),
-        ({"approved": "false"}, False),
-        ({"approved": "yes please"}, None),
+        ({REVIEW_TAG: review.PENDING}, None),
+        ({APPROVED_TAG: "true"}, True),
+        ({APPROVED_TAG: " TRUE "}, True),
+        ({APPROVED_TAG: "false"}, False),
+        ({APPROVED_TAG: "yes please"}, None),
     ],
     ids=["none", "pending", "true", "true-spaced", "false", "unclear"],
 )

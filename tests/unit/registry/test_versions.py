@@ -1,8 +1,7 @@
-"""The MLflow registry on a local SQLite store: runs, versions, aliases, idempotency, pyfunc."""
+"""Registered versions on a local SQLite store: register, idempotency, aliases, files, pyfunc."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,39 +11,24 @@ import pytest
 from transformers import PreTrainedModel
 
 from lora_ops import base_models
-from lora_ops.adapter_pyfunc import prompts_of
 from lora_ops.config import TrainConfig
 from lora_ops.errors import InputError
 from lora_ops.lora import LoraSpec, apply_lora, save_adapter
-from lora_ops.registry import (
+from lora_ops.registry import Registry, adapter_tags, idempotency_key
+from lora_ops.registry.tags import (
+    ADAPTER_PATH_TAG,
+    CUSTOMER_TAG,
     DESIGN_TAGS,
-    Registry,
-    adapter_tags,
-    flatten_params,
-    idempotency_key,
+    EVAL_LOSS_TAG,
+    GATE_PASSED,
+    GATE_TAG,
+    IDEMPOTENCY_KEY_TAG,
+    LORA_R_TAG,
 )
 from tests.helpers import randomize_adapter
 
 BASE_SHA, DATA_SHA = "a" * 64, "b" * 64
 SPEC = LoraSpec(r=4, alpha=8.0)
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
-    """One store for the module (creating MLflow's tables takes ~1 s); one customer a test."""
-    store = tmp_path_factory.mktemp("mlflow")
-    return Registry(f"sqlite:///{store}/mlflow.db")
-
-
-@pytest.fixture(autouse=True)
-def _no_global_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Point MLflow's *global* tracking URI at a decoy: the registry must never touch it."""
-    decoy = tmp_path / "global" / "mlflow.db"
-    decoy.parent.mkdir()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{decoy}")
-    monkeypatch.chdir(decoy.parent)
-    yield
-    assert not decoy.exists(), "something used MLflow's global tracking URI"
 
 
 @pytest.fixture(scope="module")
@@ -83,52 +67,6 @@ def register(registry: Registry, customer: str, adapter: Path, k: str) -> Any:
     return version
 
 
-def test_idempotency_key_is_canonical() -> None:
-    config = TrainConfig(lora=LoraSpec(target_modules=("q_proj", "v_proj")))
-    reordered = TrainConfig(lora=LoraSpec(target_modules=("v_proj", "q_proj")))
-    same = idempotency_key(BASE_SHA, DATA_SHA, config)
-    assert same == idempotency_key(BASE_SHA, DATA_SHA, reordered)
-    assert same == idempotency_key(BASE_SHA, DATA_SHA, config.model_copy(update={"seed": 0}))
-    assert same != idempotency_key(BASE_SHA, "c" * 64, config)
-    assert same != idempotency_key(BASE_SHA, DATA_SHA, config.model_copy(update={"seed": 1}))
-    with pytest.raises(InputError, match="base_sha256"):
-        idempotency_key("not-a-hash", DATA_SHA, config)
-
-
-def test_flatten_params_dots_nested_keys_and_truncates() -> None:
-    flat = flatten_params({"lora": SPEC, "lr": 0.1, "mods": ("a", "b"), "long": "x" * 9000})
-    assert flat["lora.r"] == "4"
-    assert flat["lora.target_modules"] == '["q_proj", "k_proj", "v_proj", "o_proj"]'
-    assert flat["lr"] == "0.1"
-    assert flat["mods"] == '["a", "b"]'
-    assert len(flat["long"]) == 6000
-
-
-def test_run_logs_params_metrics_and_status(registry: Registry) -> None:
-    with registry.run("acme-run", run_name="train") as run_id:
-        registry.log_params(run_id, TrainConfig().model_dump(mode="json"))
-        registry.log_metrics(run_id, {"train_loss": 2.0}, step=0)
-        registry.log_metrics(run_id, {"train_loss": 1.0}, step=10)
-    run = registry.client.get_run(run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.params["lora.r"] == "8"
-    assert run.data.params["learning_rate"] == "0.0002"
-    assert run.data.metrics["train_loss"] == 1.0
-    history = registry.client.get_metric_history(run_id, "train_loss")
-    assert [m.step for m in history] == [0, 10]
-    experiment = registry.client.get_experiment(run.info.experiment_id)
-    assert experiment.name == "lora-ops/acme-run"
-    assert registry.run_url(run_id).endswith(
-        f"/#/experiments/{experiment.experiment_id}/runs/{run_id}"
-    )
-
-
-def test_run_context_marks_a_failed_run(registry: Registry) -> None:
-    with pytest.raises(RuntimeError), registry.run("acme-fail") as run_id:
-        raise RuntimeError("boom")
-    assert registry.client.get_run(run_id).info.status == "FAILED"
-
-
 def test_register_creates_candidate_with_every_tag(
     registry: Registry, adapters: list[Path], tmp_path: Path
 ) -> None:
@@ -138,11 +76,11 @@ def test_register_creates_candidate_with_every_tag(
     assert version.aliases == ("candidate",)
     assert version.description == "test"
     assert set(DESIGN_TAGS) <= set(version.tags)
-    assert version.tags["customer"] == "acme-tags"
-    assert version.tags["idempotency_key"] == key()
-    assert version.tags["adapter_path"] == "artifacts/adapter"
-    assert version.tags["lora_r"] == "4"
-    assert version.tags["gate"] == "passed"
+    assert version.tags[CUSTOMER_TAG] == "acme-tags"
+    assert version.tags[IDEMPOTENCY_KEY_TAG] == key()
+    assert version.tags[ADAPTER_PATH_TAG] == "artifacts/adapter"
+    assert version.tags[LORA_R_TAG] == "4"
+    assert version.tags[GATE_TAG] == GATE_PASSED
     outputs = registry.client.get_run(version.run_id).outputs
     assert outputs is not None
     (output,) = outputs.model_outputs
@@ -229,8 +167,8 @@ def test_failure_after_version_creation_leaves_no_version(
 
 
 def test_register_refuses_bad_input_before_any_io(registry: Registry, adapters: list[Path]) -> None:
-    incomplete = {k: v for k, v in tags().items() if k != "eval_loss"}
-    with pytest.raises(InputError, match="eval_loss"):
+    incomplete = {k: v for k, v in tags().items() if k != EVAL_LOSS_TAG}
+    with pytest.raises(InputError, match=EVAL_LOSS_TAG):
         registry.register_adapter("acme-bad", "no-run", adapters[0], incomplete, "", key())
     with pytest.raises(InputError, match="adapter_config.json"):
         registry.register_adapter("acme-bad", "no-run", adapters[0].parent, tags(), "", key())
@@ -278,19 +216,3 @@ def test_pyfunc_model_answers_prompts(
     assert isinstance(replies[0], str)
     assert len(model.predict(pd.DataFrame({"prompt": ["a", "b"]}))) == 2
     assert len(model.predict({"prompt": "a"}, params={"max_new_tokens": 2})) == 1
-
-
-@pytest.mark.parametrize(
-    ("model_input", "expected"),
-    [
-        (["a", "b"], ["a", "b"]),
-        ("a", ["a"]),
-        ({"prompt": ["a", "b"]}, ["a", "b"]),
-        (pd.DataFrame({"prompt": ["a"]}), ["a"]),
-        (pd.DataFrame({0: ["a", "b"]}), ["a", "b"]),
-        (pd.DataFrame({"prompt": [["a", "b"]]}), ["a", "b"]),
-    ],
-    ids=["list", "str", "dict", "frame", "unnamed-column", "frame-of-list"],
-)
-def test_prompts_of_every_input_form(model_input: Any, expected: list[str]) -> None:
-    assert prompts_of(model_input) == expected

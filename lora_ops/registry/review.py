@@ -16,13 +16,12 @@ from collections.abc import Mapping
 
 from lora_ops import names
 from lora_ops.errors import InputError
-from lora_ops.registry import Registry
+from lora_ops.registry.client import Registry
+from lora_ops.registry.tags import APPROVED_TAG, REVIEW_TAG, REVIEWED_BY_TAG
 
 log = logging.getLogger(__name__)
 
-APPROVED_TAG = "approved"  # "true" or "false", set by the reviewer
-REVIEW_TAG = "review"  # pending, approved or rejected: the state, for people and searches
-REVIEWED_BY_TAG = "reviewed_by"
+# The values of REVIEW_TAG.
 PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
 _PAUSE_KEY = re.compile(r"review/(?P<customer>[a-z0-9][a-z0-9-]{0,62})/(?P<version>\d+)/\d+")
 
