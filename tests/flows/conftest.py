@@ -17,9 +17,10 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 from flows import tasks
-from lora_ops import pipeline, review
+from lora_ops import pipeline
 from lora_ops.config import TrainConfig
 from lora_ops.evaluate import decide_gate
+from lora_ops.registry import review
 
 
 @pytest.fixture(scope="module")
