@@ -7,23 +7,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from lora_ops.cli.common import (
-    ALPHA,
-    BATCH_SIZE,
-    CHECKPOINT_EVERY,
-    DROPOUT,
-    EPOCHS,
-    GRAD_ACCUM,
-    LR,
-    MAX_SEQ_LEN,
-    MAX_STEPS,
-    RANK,
-    RSLORA,
-    SEED,
-    TARGETS,
-    out,
-    training_overrides,
-)
+from lora_ops.cli.common import out
+from lora_ops.cli.options import TrainingOverrides, training_options
 
 customers_app = typer.Typer(
     help="Customers: whose adapter, trained on what, how and when.", no_args_is_help=True
@@ -62,24 +47,14 @@ def _fields(**given: Any) -> dict[str, Any]:
 
 
 @customers_app.command("add")
+@training_options()
 def customers_add(
     customer: CustomerId,
     data: Annotated[str, typer.Option("--data", help="Chat JSONL: a local file or s3://.")],
     name: Name = None,
     base: Base = None,
-    rank: Annotated[int | None, RANK] = None,
-    alpha: Annotated[float | None, ALPHA] = None,
-    dropout: Annotated[float | None, DROPOUT] = None,
-    target_modules: Annotated[str | None, TARGETS] = None,
-    rslora: Annotated[bool | None, RSLORA] = None,
-    lr: Annotated[float | None, LR] = None,
-    epochs: Annotated[int | None, EPOCHS] = None,
-    max_steps: Annotated[int | None, MAX_STEPS] = None,
-    batch_size: Annotated[int | None, BATCH_SIZE] = None,
-    grad_accum: Annotated[int | None, GRAD_ACCUM] = None,
-    max_seq_len: Annotated[int | None, MAX_SEQ_LEN] = None,
-    seed: Annotated[int | None, SEED] = None,
-    checkpoint_every: Annotated[int | None, CHECKPOINT_EVERY] = None,
+    *,
+    training: TrainingOverrides,
     min_improvement: MinImprovement = None,
     production_tolerance: ProductionTolerance = None,
     schedule: Schedule = None,
@@ -97,21 +72,6 @@ def customers_add(
     if exist_ok and customers.find(customer) is not None:
         out.print(f"{customer} already exists: kept as it is")
         return
-    training = training_overrides(
-        rank=rank,
-        alpha=alpha,
-        dropout=dropout,
-        target_modules=target_modules,
-        rslora=rslora,
-        lr=lr,
-        epochs=epochs,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        max_seq_len=max_seq_len,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-    )
     fields = _fields(
         name=name,
         data=data,
@@ -131,24 +91,14 @@ def customers_add(
 
 
 @customers_app.command("update")
+@training_options()
 def customers_update(
     customer: CustomerId,
     name: Name = None,
     data: Data = None,
     base: Base = None,
-    rank: Annotated[int | None, RANK] = None,
-    alpha: Annotated[float | None, ALPHA] = None,
-    dropout: Annotated[float | None, DROPOUT] = None,
-    target_modules: Annotated[str | None, TARGETS] = None,
-    rslora: Annotated[bool | None, RSLORA] = None,
-    lr: Annotated[float | None, LR] = None,
-    epochs: Annotated[int | None, EPOCHS] = None,
-    max_steps: Annotated[int | None, MAX_STEPS] = None,
-    batch_size: Annotated[int | None, BATCH_SIZE] = None,
-    grad_accum: Annotated[int | None, GRAD_ACCUM] = None,
-    max_seq_len: Annotated[int | None, MAX_SEQ_LEN] = None,
-    seed: Annotated[int | None, SEED] = None,
-    checkpoint_every: Annotated[int | None, CHECKPOINT_EVERY] = None,
+    *,
+    training: TrainingOverrides,
     min_improvement: MinImprovement = None,
     production_tolerance: ProductionTolerance = None,
     schedule: Schedule = None,
@@ -175,21 +125,6 @@ def customers_update(
         auto_deploy=auto_deploy,
         require_review=require_review,
         active=active,
-    )
-    training = training_overrides(
-        rank=rank,
-        alpha=alpha,
-        dropout=dropout,
-        target_modules=target_modules,
-        rslora=rslora,
-        lr=lr,
-        epochs=epochs,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        max_seq_len=max_seq_len,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
     )
     if training:
         changes["training"] = training

@@ -9,26 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from lora_ops.cli.common import (
-    ALPHA,
-    BATCH_SIZE,
-    CHECKPOINT_EVERY,
-    DEFAULT_TARGETS,
-    DROPOUT,
-    EPOCHS,
-    GRAD_ACCUM,
-    LR,
-    MAX_SEQ_LEN,
-    MAX_STEPS,
-    RANK,
-    RSLORA,
-    SEED,
-    TARGETS,
-    BaseOption,
-    out,
-    train_config,
-    training_overrides,
-)
+from lora_ops.cli.common import BaseOption, out
+from lora_ops.cli.options import TrainingOverrides, train_config, training_options
 from lora_ops.errors import InputError
 
 base_app = typer.Typer(help="The catalogue of base models.", no_args_is_help=True)
@@ -91,45 +73,18 @@ def data_validate(
     out.print_json(json.dumps(report.summary()))
 
 
+@training_options(with_defaults=True)
 def train(
     base: BaseOption,
     data: Annotated[Path, typer.Option("--data", help="JSONL file of chat examples.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Adapter folder to write.")],
-    rank: Annotated[int, RANK] = 8,
-    alpha: Annotated[float, ALPHA] = 16.0,
-    dropout: Annotated[float, DROPOUT] = 0.0,
-    target_modules: Annotated[str, TARGETS] = DEFAULT_TARGETS,
-    rslora: Annotated[bool, RSLORA] = False,
-    lr: Annotated[float, LR] = 2e-4,
-    epochs: Annotated[int, EPOCHS] = 1,
-    max_steps: Annotated[int | None, MAX_STEPS] = None,
-    batch_size: Annotated[int, BATCH_SIZE] = 8,
-    grad_accum: Annotated[int, GRAD_ACCUM] = 1,
-    max_seq_len: Annotated[int, MAX_SEQ_LEN] = 512,
-    seed: Annotated[int, SEED] = 0,
-    checkpoint_every: Annotated[int | None, CHECKPOINT_EVERY] = None,
+    training: TrainingOverrides,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint.")] = False,
 ) -> None:
     """Train a LoRA adapter locally (no servers) and write it in PEFT's format."""
     from lora_ops.train import train_from_files
 
-    config = train_config(
-        training_overrides(
-            rank=rank,
-            alpha=alpha,
-            dropout=dropout,
-            target_modules=target_modules,
-            rslora=rslora,
-            lr=lr,
-            epochs=epochs,
-            max_steps=max_steps,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            max_seq_len=max_seq_len,
-            seed=seed,
-            checkpoint_every=checkpoint_every,
-        )
-    )
+    config = train_config(training)
     result = train_from_files(base, data, config, out_dir, resume=resume)
     out.print(f"base eval loss    {result.base_eval_loss:.4f}")
     out.print(f"adapted eval loss {result.eval_loss:.4f}")

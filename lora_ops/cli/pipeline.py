@@ -8,25 +8,8 @@ from typing import Annotated, Any, cast
 
 import typer
 
-from lora_ops.cli.common import (
-    ALPHA,
-    BATCH_SIZE,
-    CHECKPOINT_EVERY,
-    DROPOUT,
-    EPOCHS,
-    GRAD_ACCUM,
-    LR,
-    MAX_SEQ_LEN,
-    MAX_STEPS,
-    RANK,
-    RSLORA,
-    SEED,
-    TARGETS,
-    CustomerOption,
-    out,
-    train_config,
-    training_overrides,
-)
+from lora_ops.cli.common import CustomerOption, out
+from lora_ops.cli.options import TrainingOverrides, train_config, training_options
 from lora_ops.defaults import DEFAULT_BASE, DEFAULT_GATE
 from lora_ops.errors import InputError
 
@@ -43,6 +26,7 @@ DEFAULTS: dict[str, Any] = {
 
 
 @pipeline_app.command("run")
+@training_options()
 def pipeline_run(
     customer: CustomerOption,
     data: Annotated[
@@ -52,19 +36,8 @@ def pipeline_run(
     base: Annotated[
         str | None, typer.Option("--base", help="Base model (default: the record's).")
     ] = None,
-    rank: Annotated[int | None, RANK] = None,
-    alpha: Annotated[float | None, ALPHA] = None,
-    dropout: Annotated[float | None, DROPOUT] = None,
-    target_modules: Annotated[str | None, TARGETS] = None,
-    rslora: Annotated[bool | None, RSLORA] = None,
-    lr: Annotated[float | None, LR] = None,
-    epochs: Annotated[int | None, EPOCHS] = None,
-    max_steps: Annotated[int | None, MAX_STEPS] = None,
-    batch_size: Annotated[int | None, BATCH_SIZE] = None,
-    grad_accum: Annotated[int | None, GRAD_ACCUM] = None,
-    max_seq_len: Annotated[int | None, MAX_SEQ_LEN] = None,
-    seed: Annotated[int | None, SEED] = None,
-    checkpoint_every: Annotated[int | None, CHECKPOINT_EVERY] = None,
+    *,
+    training: TrainingOverrides,
     min_improvement: Annotated[
         float | None, typer.Option(min=0, max=0.99, help="Needed relative loss cut over the base.")
     ] = None,
@@ -88,21 +61,6 @@ def pipeline_run(
     from lora_ops import names
 
     names.check_customer(customer)
-    overrides = training_overrides(
-        rank=rank,
-        alpha=alpha,
-        dropout=dropout,
-        target_modules=target_modules,
-        rslora=rslora,
-        lr=lr,
-        epochs=epochs,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        max_seq_len=max_seq_len,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-    )
     given = {
         "data_uri": _absolute(data),
         "base": base,
@@ -110,7 +68,7 @@ def pipeline_run(
         "production_tolerance": production_tolerance,
         "auto_deploy": auto_deploy,
     }
-    parameters = _retrain_parameters(customer, given, overrides)
+    parameters = _retrain_parameters(customer, given, training)
     if remote:
         _run_remote(customer, parameters)
         return

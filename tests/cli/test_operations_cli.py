@@ -12,7 +12,7 @@ from typer.testing import CliRunner, Result
 
 from lora_ops import customers
 from lora_ops.cli import app
-from lora_ops.cli.common import out, training_overrides
+from lora_ops.cli.common import out
 from lora_ops.db import Database
 
 SAMPLE = Path(__file__).parents[2] / "examples" / "acme-support.jsonl"
@@ -144,13 +144,6 @@ def test_db_upgrade_and_status(state: Path) -> None:
     assert "applied 0001, 0002" in ok("db", "upgrade")
     assert "already at the newest schema" in ok("db", "upgrade")
     assert "revision 0002 (newest 0002)" in ok("db", "status")
-
-
-def test_training_overrides_nest_like_train_config() -> None:
-    assert training_overrides(rank=8, alpha=None, lr=0.1, target_modules="q_proj, v_proj") == {
-        "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]},
-        "learning_rate": 0.1,
-    }
 
 
 def test_help_of_the_new_commands_runs_without_servers() -> None:
