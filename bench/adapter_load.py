@@ -312,12 +312,7 @@ def s3_server(settings: Settings) -> Iterator[Storage]:
     try:
         if not health.wait_healthy("s3", url, process, 30):
             raise RuntimeError(f"S3 did not start: {(state / 'logs' / 's3.log').read_text()}")
-        storage = Storage(
-            url,
-            settings.aws_access_key_id.get_secret_value(),
-            settings.aws_secret_access_key.get_secret_value(),
-            settings.aws_region,
-        )
+        storage = Storage.from_settings(settings)
         storage.ensure_bucket(settings.bucket)
         yield storage
     finally:

@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_ops import base_models, data, names, prepared, smoke
+from lora_ops import base_models, data, names, smoke
 from lora_ops.config import TrainConfig
+from lora_ops.data import prepared
 from lora_ops.defaults import DEFAULT_GATE
 from lora_ops.errors import InputError, LoraOpsError
 from lora_ops.evaluate import GateDecision, decide_gate, evaluate_adapters, perplexity

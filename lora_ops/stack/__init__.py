@@ -209,11 +209,12 @@ def _service_status(name: str, record: Record | None, settings: Settings) -> Ser
 
 
 def _create_bucket(settings: Settings, s3_url: str) -> None:
-    from lora_ops.storage import Storage  # boto3's one home, with the checksum settings
+    # boto3's one home, with the checksum settings
+    from lora_ops.storage import Storage, StorageConfig
 
     key = settings.aws_access_key_id.get_secret_value()
     secret = settings.aws_secret_access_key.get_secret_value()
-    Storage(s3_url, key, secret, settings.aws_region).ensure_bucket(settings.bucket)
+    Storage(StorageConfig(s3_url, key, secret, settings.aws_region)).ensure_bucket(settings.bucket)
 
 
 def _join_fleet(settings: Settings, replica_url: str) -> None:

@@ -16,7 +16,13 @@ from typing import Any
 import pytest
 
 from lora_ops.errors import InputError
-from lora_ops.storage import MANIFEST, Manifest, NoSuchObjectError, Storage, StorageError
+from lora_ops.storage import (
+    MANIFEST,
+    NoSuchObjectError,
+    Storage,
+    StorageConfig,
+    StorageError,
+)
 from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -47,7 +53,7 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 def fast_storage(url: str, secret: str = SECRET, **kwargs: Any) -> Storage:
     """A Storage that gives up quickly: errors are the point of the tests that use it."""
     options: dict[str, Any] = {"attempts": 1, "request_retries": 0, "connect_timeout_s": 1.0}
-    return Storage(url, KEY, secret, **{**options, **kwargs})
+    return Storage(StorageConfig(url, KEY, secret, **{**options, **kwargs}))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +74,7 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Storage]:
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError((root / "rclone.log").read_text()) from None
                 time.sleep(0.05)
-        yield Storage(url, KEY, SECRET, multipart_threshold=PART)
+        yield Storage(StorageConfig(url, KEY, SECRET, multipart_threshold=PART))
     finally:
         stop(server)
 
@@ -202,15 +208,6 @@ def test_manifest_path_traversal_is_refused(storage: Storage, tmp_path: Path) ->
     assert not target.exists()
 
 
-@pytest.mark.parametrize(
-    "path",
-    ["../x", "a/../../x", "/etc/passwd", "a\\..\\x", "", "./a", "a//b", "a/", MANIFEST, "a\x00b"],
-)
-def test_unsafe_manifest_paths(path: str) -> None:
-    with pytest.raises(StorageError, match="unsafe path"):
-        Manifest.from_json({"files": {path: {"sha256": "0" * 64, "size": 1}}})
-
-
 def test_keys_never_escape_their_prefix(storage: Storage, tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"'\.\.' are not allowed"):
         storage.exists("s3://bucket/a/../b")
@@ -312,7 +309,7 @@ def test_reupload_hides_the_old_manifest_until_done(storage: Storage, tmp_path: 
 
 
 def test_ensure_bucket_is_idempotent_in_any_region(storage: Storage) -> None:
-    elsewhere = Storage(storage.endpoint_url, KEY, SECRET, region="eu-west-1")
+    elsewhere = Storage(StorageConfig(storage.endpoint_url, KEY, SECRET, region="eu-west-1"))
     for _ in range(2):
         elsewhere.ensure_bucket("eu-bucket")
     storage.ensure_bucket(BUCKET)

@@ -1,8 +1,9 @@
-"""Prepared datasets on disk: tokenized train/eval splits with a checksummed manifest.
+"""Prepared datasets: a data file validated, tokenized and split, and its copy on disk.
 
-``save_prepared`` writes ``train.jsonl``, ``eval.jsonl`` (one tokenized example a line) and
-``manifest.json``; ``load_prepared`` reads them back and refuses anything malformed or cut
-short, naming the file and line. This is what the pipeline stores under
+``prepare_dataset`` turns a customer's JSONL file into tokenized train/eval splits (nothing
+truncated); ``save_prepared`` writes ``train.jsonl``, ``eval.jsonl`` (one tokenized example
+a line) and ``manifest.json``; ``load_prepared`` reads them back and refuses anything
+malformed or cut short, naming the file and line. This is what the pipeline stores under
 ``datasets/<customer>/<sha256>/``.
 """
 
@@ -11,18 +12,85 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lora_ops.data import IGNORE_INDEX, PreparedDataset, TokenizedExample, json_type_name
+from lora_ops.data.examples import DataError, content_sha256, json_type_name
+from lora_ops.data.split import check_eval_fraction, split_examples
+from lora_ops.data.tokenize import IGNORE_INDEX, TokenizedExample
+from lora_ops.data.validation import MIN_EXAMPLES, check_file
 from lora_ops.errors import InputError
 from lora_ops.files import write_atomic
+
+if TYPE_CHECKING:  # only for hints: importing this module stays cheap (CLI start-up)
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
 TRAIN_FILE, EVAL_FILE, MANIFEST_FILE = "train.jsonl", "eval.jsonl", "manifest.json"
 PREPARED_FORMAT = 1
 _Issue = tuple[str | None, str]  # (field, reason) before a file and line are attached
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    """A tokenized, split dataset and where it came from."""
+
+    train: list[TokenizedExample]
+    eval: list[TokenizedExample]
+    sha256: str  # dataset_sha256 of the source file
+    source: str
+    max_seq_len: int
+
+
+def prepare_dataset(
+    path: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_len: int = 512,
+    eval_fraction: float = 0.1,
+    min_examples: int = MIN_EXAMPLES,
+    *,
+    source: str | None = None,
+) -> PreparedDataset:
+    """Validate, tokenize, mask and split a data file; nothing is truncated.
+
+    Args:
+        path: The local JSONL file.
+        tokenizer: The base model's tokenizer, with its chat template.
+        max_seq_len: Most tokens an example may have; longer ones are refused, not cut.
+        eval_fraction: Share of examples held out for evaluation, in (0, 1).
+        min_examples: Fewest valid examples the file must hold.
+        source: Where the file came from (an s3:// URI) if not ``path`` itself.
+
+    Raises:
+        DataError: Listing every problem in the file, too-long examples included.
+        InputError: eval_fraction is out of range.
+    """
+    check_eval_fraction(eval_fraction)
+    examples, tokenized, problems = check_file(path, tokenizer, max_seq_len, min_examples)
+    if problems:
+        raise DataError(problems, path)
+    by_line = {item.line: item for item in tokenized}
+    train, held_out = split_examples(examples, eval_fraction)
+    dataset = PreparedDataset(
+        train=[by_line[e.line] for e in train],
+        eval=[by_line[e.line] for e in held_out],
+        sha256=content_sha256(examples),
+        source=source or str(path),
+        max_seq_len=max_seq_len,
+    )
+    log.info(
+        "prepared %s: %d train, %d eval examples, sha256 %s",
+        dataset.source,
+        len(dataset.train),
+        len(dataset.eval),
+        dataset.sha256,
+    )
+    return dataset
+
+
+# ---------------------------------------------------------------------------- on disk
 
 
 def save_prepared(dataset: PreparedDataset, folder: Path) -> None:
