@@ -64,8 +64,8 @@ def load_production_adapters(engine: Engine, base_model: str) -> list[str]:
     An adapter that fails to load is logged and skipped: one bad version must not keep
     the replica from serving everyone else.
     """
+    from lora_ops.fleet.smoke import ADAPTER_SHA256_TAG
     from lora_ops.registry import Registry
-    from lora_ops.smoke import ADAPTER_SHA256_TAG
 
     loaded = []
     for customer, version in Registry().production_versions(base_model):

@@ -12,11 +12,11 @@ import pytest
 from lora_ops import names
 from lora_ops.config import TrainConfig
 from lora_ops.db import Database, DeployInProgress
-from lora_ops.deployment import DeployFailed, deploy, rollback
 from lora_ops.fleet import Fleet
+from lora_ops.fleet.rollout import DeployFailed, deploy, rollback
+from lora_ops.fleet.smoke import SMOKE_OUTPUT_TAG
 from lora_ops.lora import LoraSpec
 from lora_ops.registry import Registry
-from lora_ops.smoke import SMOKE_OUTPUT_TAG
 from tests.integration.conftest import free_port
 from tests.processes import ReplicaProcess
 

@@ -17,9 +17,9 @@ from pathlib import Path
 from lora_ops import names
 from lora_ops.errors import LoraOpsError
 from lora_ops.files import sha256_file
+from lora_ops.fleet.smoke import ADAPTER_SHA256_TAG
 from lora_ops.registry import Registry
 from lora_ops.settings import Settings
-from lora_ops.smoke import ADAPTER_SHA256_TAG
 from lora_ops.storage import MANIFEST, Storage
 
 WEIGHTS = "adapter_model.safetensors"

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from lora_ops import customers, names, review
 from lora_ops.db import Database
 from lora_ops.errors import InputError, LoraOpsError
-from lora_ops.fleet import Fleet, ReplicaError
+from lora_ops.fleet.client import Fleet, ReplicaError
+from lora_ops.fleet.smoke import ADAPTER_SHA256_TAG, SMOKE_OUTPUT_TAG
 from lora_ops.registry import AdapterVersion, Registry
-from lora_ops.smoke import ADAPTER_SHA256_TAG, SMOKE_OUTPUT_TAG
 
 log = logging.getLogger(__name__)
 
