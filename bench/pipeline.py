@@ -232,7 +232,7 @@ WRAPPED = [
     ("lora_ops.train", "save_adapter", "adapter_save"),
     ("lora_ops.pipeline", "load_adapter", "adapter_load"),
     ("lora_ops.pipeline", "plot_loss_curve", "loss_plot"),
-    ("lora_ops.smoke", "smoke_reply", "smoke_reply"),
+    ("lora_ops.fleet.smoke", "smoke_reply", "smoke_reply"),
 ]
 MLFLOW_ARTIFACTS = {
     "log_artifact",

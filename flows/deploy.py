@@ -7,7 +7,8 @@ from typing import Any
 
 from prefect import flow, task
 
-from lora_ops import deployment, names
+from lora_ops import names
+from lora_ops.fleet import rollout
 
 
 @task(name="deploy-to-fleet")
@@ -15,13 +16,13 @@ def deploy_to_fleet(
     customer: str, version: str | None, alias: str, triggered_by: str
 ) -> dict[str, Any]:
     """Load, smoke-test and promote; any replica failing puts every replica back."""
-    return asdict(deployment.deploy(customer, version, alias, triggered_by=triggered_by))
+    return asdict(rollout.deploy(customer, version, alias, triggered_by=triggered_by))
 
 
 @task(name="rollback-fleet")
 def rollback_fleet(customer: str) -> dict[str, Any]:
     """Serve the previous production version everywhere again."""
-    return asdict(deployment.rollback(customer))
+    return asdict(rollout.rollback(customer))
 
 
 @flow(name="deploy")

@@ -15,13 +15,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_ops import base_models, data, names, smoke
+from lora_ops import base_models, data, names
 from lora_ops.config import TrainConfig
 from lora_ops.data import prepared
 from lora_ops.defaults import DEFAULT_GATE
 from lora_ops.errors import InputError, LoraOpsError
 from lora_ops.evaluate import GateDecision, decide_gate, evaluate_adapters, perplexity
 from lora_ops.files import sha256_file
+from lora_ops.fleet import smoke
 from lora_ops.lora import load_adapter
 from lora_ops.registry import Registry, adapter_tags, idempotency_key
 from lora_ops.registry.tags import (

@@ -107,7 +107,7 @@ def _retrain_parameters(
 
 
 def _run_remote(customer: str, parameters: dict[str, Any]) -> None:
-    from flows.deployments import follow_flow_run, submit_retrain
+    from flows.runs import follow_flow_run, submit_retrain
 
     run = submit_retrain(customer, parameters)
     out.print(f"flow run {run.name} ({run.id}) submitted to retrain/{customer}")

@@ -34,7 +34,7 @@ def _require_prefect_server() -> str:
 @schedule_app.command("sync")
 def schedule_sync() -> None:
     """Make Prefect's deployments match the customers table (create, update, pause)."""
-    from flows.deployments import sync_schedules
+    from flows.schedules import sync_schedules
     from lora_ops import customers
 
     url = _require_prefect_server()
@@ -51,7 +51,7 @@ def schedule_list(
     runs: Annotated[int, typer.Option(min=1, max=20, help="Next runs shown per customer.")] = 3,
 ) -> None:
     """Every retrain/<customer> deployment, its schedule and its next runs."""
-    from flows.deployments import list_schedules
+    from flows.schedules import list_schedules
 
     _require_prefect_server()
     table = Table("deployment", "schedule", "state", "next runs")
@@ -85,7 +85,7 @@ def worker(
     (they go back to Scheduled for the next worker; a retrain resumes from its last
     checkpoint) and exits 0.
     """
-    from flows.deployments import prepare_work_pool
+    from flows.schedules import prepare_work_pool
     from flows.worker import WorkerSupervisor
     from lora_ops.settings import get_settings
 

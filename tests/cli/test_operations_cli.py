@@ -121,8 +121,8 @@ def test_pipeline_run_needs_data_or_a_record() -> None:
 def test_deploy_of_an_unapproved_version_is_refused_before_any_replica_is_touched() -> None:
     from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 
-    from lora_ops.deployment import _check_review
     from lora_ops.errors import InputError
+    from lora_ops.fleet.rollout import _check_review
     from lora_ops.registry.review import PENDING
     from lora_ops.registry.tags import APPROVED_TAG, REVIEW_TAG
 

@@ -12,8 +12,8 @@ import pytest
 from lora_ops import names
 from lora_ops.config import TrainConfig
 from lora_ops.db import Database, DeployInProgress
-from lora_ops.deployment import DeployFailed, deploy, rollback
 from lora_ops.fleet import Fleet
+from lora_ops.fleet.rollout import DeployFailed, deploy, rollback
 from lora_ops.lora import LoraSpec
 from lora_ops.registry import Registry
 from lora_ops.registry.tags import SMOKE_OUTPUT_TAG

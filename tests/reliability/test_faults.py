@@ -264,8 +264,8 @@ def fleet(stack: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
 def test_a_replica_killed_during_a_deploy_rolls_every_replica_back(
     two_versions: str, fleet: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from lora_ops.deployment import DeployFailed, deploy
     from lora_ops.fleet import Fleet
+    from lora_ops.fleet.rollout import DeployFailed, deploy
 
     client, replicas = fleet
     customer = two_versions
@@ -299,7 +299,7 @@ def test_two_deploys_of_one_customer_at_once_never_interleave(
     two_versions: str, fleet: Any, tmp_path: Path
 ) -> None:
     from lora_ops.db import DeployInProgress
-    from lora_ops.deployment import deploy
+    from lora_ops.fleet.rollout import deploy
 
     client, replicas = fleet
     customer = two_versions

@@ -1,4 +1,4 @@
-"""The serving fleet: replicas registered by URL, and the HTTP client that drives them.
+"""The fleet client: replicas registered by URL, and the HTTP calls that drive them.
 
 Replicas are spoken to only through their HTTP API (vLLM's load/unload shapes, OpenAI's
 chat completions), so a fleet of vLLM servers started with ``--enable-lora`` works the
@@ -16,8 +16,8 @@ import httpx
 
 from lora_ops.db import Database
 from lora_ops.errors import InputError, LoraOpsError
+from lora_ops.fleet.smoke import SMOKE_MAX_TOKENS, SMOKE_MESSAGES
 from lora_ops.settings import get_settings
-from lora_ops.smoke import SMOKE_MAX_TOKENS, SMOKE_MESSAGES
 
 log = logging.getLogger(__name__)
 URL = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+(:\d{1,5})?/?$")

@@ -1,18 +1,18 @@
-"""Prefect deployments: ``retrain/<customer>`` on each customer's schedule, the training and
-review deployments beside them, and submitting and following runs through Prefect's API.
+"""Prefect deployments: ``retrain/<customer>`` on each customer's schedule, and the training
+and review deployments beside them.
 
 ``sync_schedules`` makes Prefect match the customers table: one ``retrain/<customer>``
 deployment per active customer (its cron schedule when it has one, its parameters from the
 record), paused for customers that are inactive or gone. Deployments point at the flows by
 module path (``flows.retrain.retrain``), so any worker with lora-ops installed runs them.
+Submitting a run of one and following it is ``flows.runs``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 from uuid import UUID
@@ -25,15 +25,11 @@ from prefect.client.schemas.filters import (
     FlowFilter,
     FlowFilterName,
     FlowRunFilter,
-    FlowRunFilterParentFlowRunId,
     FlowRunFilterState,
     FlowRunFilterStateType,
-    LogFilter,
-    LogFilterFlowRunId,
-    LogFilterTimestamp,
 )
-from prefect.client.schemas.objects import FlowRun, StateType
-from prefect.client.schemas.sorting import FlowRunSort, LogSort
+from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron, Interval
 from prefect.types.entrypoint import EntrypointType
@@ -41,8 +37,7 @@ from prefect.types.entrypoint import EntrypointType
 from flows.retrain import RETRAIN_FLOW, retrain
 from flows.review import REVIEW_SWEEP_FLOW, review_sweep
 from flows.training import TRAIN_FLOW, train_adapter
-from lora_ops import customers, names
-from lora_ops.errors import InputError
+from lora_ops import customers
 from lora_ops.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -186,63 +181,3 @@ def _describe(schedule: Any) -> str:
     if cron is None:
         return str(schedule)
     return f"{cron} ({getattr(schedule, 'timezone', None) or 'UTC'})"
-
-
-def submit_retrain(customer: str, parameters: dict[str, Any] | None = None) -> FlowRun:
-    """Create a run of ``retrain/<customer>``; ``parameters`` override the deployment's."""
-    names.check_customer(customer)
-    with get_client(sync_client=True) as client:
-        try:
-            deployment = client.read_deployment_by_name(f"{RETRAIN_FLOW}/{customer}")
-        except ObjectNotFound:
-            raise InputError(
-                f"Prefect has no deployment {RETRAIN_FLOW}/{customer}: add the customer "
-                "(`lora-ops customers add`) and run `lora-ops schedule sync`",
-                field="customer",
-            ) from None
-        return client.create_flow_run_from_deployment(
-            deployment.id, parameters=parameters or {}, tags=[*TAGS, "remote"]
-        )
-
-
-def follow_flow_run(
-    flow_run_id: UUID, on_line: Callable[[str], None], poll_s: float = 2.0
-) -> FlowRun:
-    """Report a run's state changes and log lines until it reaches a final state."""
-    last_state = None
-    since: dt.datetime | None = None
-    task_names: dict[UUID, str] = {}
-    with get_client(sync_client=True) as client:
-        while True:
-            run = client.read_flow_run(flow_run_id)
-            runs = [flow_run_id, *_subflow_runs(client, flow_run_id)]  # train-adapter's steps
-            for entry in _new_logs(client, runs, since):
-                since = entry.timestamp
-                if entry.task_run_id is None:
-                    on_line(f"  {entry.message}")
-                    continue
-                if entry.task_run_id not in task_names:
-                    task_names[entry.task_run_id] = client.read_task_run(entry.task_run_id).name
-                on_line(f"  {task_names[entry.task_run_id]}: {entry.message}")
-            state = run.state
-            if state is not None and (state.name, state.message) != last_state:
-                last_state = (state.name, state.message)
-                on_line(f"{state.name}" + (f": {state.message}" if state.message else ""))
-            if state is not None and state.is_final():
-                return run
-            time.sleep(poll_s)
-
-
-def _subflow_runs(client: SyncPrefectClient, flow_run_id: UUID) -> list[UUID]:
-    parent = FlowRunFilterParentFlowRunId(any_=[flow_run_id])
-    children = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=parent))
-    return [child.id for child in children]
-
-
-def _new_logs(
-    client: SyncPrefectClient, flow_run_ids: list[UUID], since: dt.datetime | None
-) -> list[Any]:
-    log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=flow_run_ids))
-    if since is not None:
-        log_filter.timestamp = LogFilterTimestamp(after_=since + dt.timedelta(microseconds=1))
-    return client.read_logs(log_filter=log_filter, sort=LogSort.TIMESTAMP_ASC, limit=200)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from lora_ops import customers, names
 from lora_ops.db import Database
 from lora_ops.errors import InputError, LoraOpsError
-from lora_ops.fleet import Fleet, ReplicaError
+from lora_ops.fleet.client import Fleet, ReplicaError
 from lora_ops.registry import AdapterVersion, Registry, review
 from lora_ops.registry.tags import ADAPTER_SHA256_TAG, APPROVED_TAG, SMOKE_OUTPUT_TAG
 
