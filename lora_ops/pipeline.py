@@ -1,4 +1,4 @@
-"""The steps of one customer's retrain: prep, train, evaluate, register.
+"""The steps of one customer's retrain: prepare the data, train, evaluate and register a candidate.
 
 Each step is a plain function over S3 (``storage``) and MLflow (``registry``) that the
 Prefect tasks in ``flows/`` wrap with their retry policies, so the logic is testable and
@@ -83,7 +83,7 @@ def fetch_data(data_uri: str, dst: Path, storage: Storage) -> Path:
     return path
 
 
-def prep_step(
+def prepare_data(
     customer: str,
     data_uri: str,
     base: str,
@@ -168,13 +168,13 @@ def existing_version(customer: str, key: str, settings: Settings | None = None) 
     return None if version is None else str(version.version)
 
 
-def train_step(
+def train_candidate(
     dataset: DatasetRef,
     config: TrainConfig,
     settings: Settings | None = None,
     progress: bool = True,
 ) -> TrainedRef:
-    """Train (or resume, or reuse) the adapter for ``dataset`` as an MLflow run.
+    """Train (or resume, or reuse) the candidate adapter for ``dataset`` as an MLflow run.
 
     A run with the same key whose training finished is reused as is; one that was cut off
     resumes from its newest checkpoint in ``checkpoints/<customer>/<run>/``.
@@ -281,7 +281,7 @@ class EvalOutcome:
         return asdict(self.gate) | {"improvement": self.gate.improvement}
 
 
-def evaluate_step(
+def evaluate_candidate(
     dataset: DatasetRef,
     trained: TrainedRef,
     min_improvement: float = DEFAULT_GATE.min_improvement,
@@ -353,7 +353,7 @@ def _log_evaluation(
     registry.set_tag(run_id, "gate_reason", gate.reason)
 
 
-def register_step(
+def register_candidate(
     dataset: DatasetRef,
     trained: TrainedRef,
     outcome: EvalOutcome,
