@@ -79,7 +79,7 @@ def peak(device: torch.device) -> int:
 def measure(system: str, device: torch.device, args: argparse.Namespace) -> dict[str, object]:
     """Run warm-up and timed steps of one contender in this process."""
     from lora_ops.base_models import autocast_for
-    from lora_ops.batching import summed_nll
+    from lora_ops.training.batching import summed_nll
 
     torch.manual_seed(0)
     model, routing = build(system, device, args.rank, args.base)

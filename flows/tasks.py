@@ -32,7 +32,7 @@ def prep(
     customer: str, data_uri: str, base: str, max_seq_len: int, eval_fraction: float
 ) -> pipeline.DatasetRef:
     """Check and tokenize the customer's data; store it in S3 by content hash."""
-    return pipeline.prep_step(customer, data_uri, base, max_seq_len, eval_fraction)
+    return pipeline.prepare_data(customer, data_uri, base, max_seq_len, eval_fraction)
 
 
 @task(
@@ -56,7 +56,7 @@ def find_registered_version(customer: str, key: str) -> str | None:
 @task(name="train", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_bad_input)
 def train(dataset: pipeline.DatasetRef, config: TrainConfig) -> pipeline.TrainedRef:
     """Train the LoRA adapter, logging to MLflow and checkpointing to S3."""
-    return pipeline.train_step(dataset, config)
+    return pipeline.train_candidate(dataset, config)
 
 
 @task(
@@ -72,7 +72,7 @@ def evaluate(
     production_tolerance: float,
 ) -> pipeline.EvalOutcome:
     """Compare base, candidate and production on held-out data; decide the gate."""
-    outcome = pipeline.evaluate_step(dataset, trained, min_improvement, production_tolerance)
+    outcome = pipeline.evaluate_candidate(dataset, trained, min_improvement, production_tolerance)
     create_markdown_artifact(
         markdown=outcome.markdown,
         key=f"eval-{dataset.customer}",
@@ -94,7 +94,7 @@ def register(
     config: TrainConfig,
 ) -> str:
     """Register the adapter as a new MLflow model version with alias 'candidate'."""
-    return pipeline.register_step(dataset, trained, outcome, config)
+    return pipeline.register_candidate(dataset, trained, outcome, config)
 
 
 @task(name="mark-for-review", retries=2, retry_delay_seconds=[2, 10])

@@ -1,4 +1,4 @@
-"""The steps of one customer's retrain: prep, train, evaluate, register.
+"""The steps of one customer's retrain: prepare the data, train, evaluate and register a candidate.
 
 Each step is a plain function over S3 (``storage``) and MLflow (``registry``) that the
 Prefect tasks in ``flows/`` wrap with their retry policies, so the logic is testable and
@@ -20,7 +20,6 @@ from lora_ops.config import TrainConfig
 from lora_ops.data import prepared
 from lora_ops.defaults import DEFAULT_GATE
 from lora_ops.errors import InputError, LoraOpsError
-from lora_ops.evaluate import GateDecision, decide_gate, evaluate_adapters, perplexity
 from lora_ops.files import sha256_file
 from lora_ops.fleet import smoke
 from lora_ops.lora import load_adapter
@@ -37,10 +36,13 @@ from lora_ops.registry.tags import (
     TRAINING_DONE_TAG,
     TRAINING_STEPS_TAG,
 )
-from lora_ops.report import gate_markdown, plot_loss_curve
 from lora_ops.settings import Settings, get_settings
 from lora_ops.storage import Storage
-from lora_ops.train import StepMetrics, train_adapter
+from lora_ops.training.evaluate import evaluate_adapters, perplexity
+from lora_ops.training.gate import GateDecision, decide_gate
+from lora_ops.training.loop import TrainingJob, train_adapter
+from lora_ops.training.report import gate_markdown
+from lora_ops.training.run_log import MlflowTrainingLog
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ def fetch_data(data_uri: str, dst: Path, storage: Storage) -> Path:
     return path
 
 
-def prep_step(
+def prepare_data(
     customer: str,
     data_uri: str,
     base: str,
@@ -178,13 +180,13 @@ def existing_version(customer: str, key: str, settings: Settings | None = None) 
     return None if version is None else str(version.version)
 
 
-def train_step(
+def train_candidate(
     dataset: DatasetRef,
     config: TrainConfig,
     settings: Settings | None = None,
     progress: bool = True,
 ) -> TrainedRef:
-    """Train (or resume, or reuse) the adapter for ``dataset`` as an MLflow run.
+    """Train (or resume, or reuse) the candidate adapter for ``dataset`` as an MLflow run.
 
     A run with the same key whose training finished is reused as is; one that was cut off
     resumes from its newest checkpoint in ``checkpoints/<customer>/<run>/``.
@@ -201,13 +203,50 @@ def train_step(
     else:
         run_id = run.run_id
         log.info("resuming training run %s", run_id)
-    result = _train_with_checkpoints(
-        dataset, config, key, run_id, settings, storage, registry, progress
+    checkpoints_uri = names.s3_uri(
+        settings.bucket, names.checkpoint_prefix(dataset.customer, run_id)
     )
-    registry.set_tag(run_id, TRAINING_STEPS_TAG, str(result))
+    training_log = MlflowTrainingLog(registry, storage, run_id, checkpoints_uri, dataset.customer)
+    steps = _train_logged(dataset, config, key, storage, training_log, progress)
+    registry.set_tag(run_id, TRAINING_STEPS_TAG, str(steps))
     registry.set_tag(run_id, TRAINING_DONE_TAG, TRAINING_DONE)
     registry.end_run(run_id, "FINISHED")
-    return TrainedRef(run_id, key, base_sha, result, reused=False)
+    return TrainedRef(run_id, key, base_sha, steps, reused=False)
+
+
+def _train_logged(
+    dataset: DatasetRef,
+    config: TrainConfig,
+    key: str,
+    storage: Storage,
+    training_log: MlflowTrainingLog,
+    progress: bool,
+) -> int:
+    """Train in a scratch folder from the run's newest checkpoint; returns the step count."""
+    with tempfile.TemporaryDirectory() as work_dir:
+        work = Path(work_dir)
+        storage.download_dir(dataset.uri, work / "dataset")
+        examples = prepared.load_prepared(work / "dataset")
+        training_log.download_latest_checkpoint(work / "checkpoints")
+        tokenizer = base_models.load_tokenizer(dataset.base)
+        model = base_models.load_model(dataset.base)
+        job = TrainingJob(
+            model=model,
+            train_examples=examples.train,
+            eval_examples=examples.eval,
+            config=config,
+            out_dir=work / "adapter",
+            pad_id=int(tokenizer.pad_token_id),
+            base_model_name=dataset.base,
+            checkpoint_dir=work / "checkpoints",
+            resume=True,
+            run_key=key,
+            hooks=training_log,
+            progress=progress,
+        )
+        result = train_adapter(job)
+        training_log.finish(result)
+        return result.steps
 
 
 def finished_training(
@@ -242,105 +281,6 @@ def _run_params(dataset: DatasetRef, config: TrainConfig, base_sha: str) -> dict
     }
 
 
-def _train_with_checkpoints(
-    dataset: DatasetRef,
-    config: TrainConfig,
-    key: str,
-    run_id: str,
-    settings: Settings,
-    storage: Storage,
-    registry: Registry,
-    progress: bool,
-) -> int:
-    checkpoints_uri = names.s3_uri(
-        settings.bucket, names.checkpoint_prefix(dataset.customer, run_id)
-    )
-    with tempfile.TemporaryDirectory() as work_dir:
-        work = Path(work_dir)
-        storage.download_dir(dataset.uri, work / "dataset")
-        examples = prepared.load_prepared(work / "dataset")
-        _download_latest_checkpoint(storage, checkpoints_uri, work / "checkpoints")
-        tokenizer = base_models.load_tokenizer(dataset.base)
-        model = base_models.load_model(dataset.base)
-
-        def on_step(m: StepMetrics) -> None:
-            metrics = {
-                "train_loss": m.loss,
-                "learning_rate": m.learning_rate,
-                "grad_norm": m.grad_norm,
-                "tokens_per_second": m.tokens_per_second,
-            }
-            registry.log_metrics(run_id, metrics, step=m.step)
-            # A worker's progress bar is seen by no one: the run's log (Prefect UI, `pipeline
-            # run --remote`) gets about twenty lines per run instead.
-            if m.step % max(1, m.total_steps // 20) == 0 or m.step == m.total_steps:
-                log.info(
-                    "step %d/%d  loss %.4f  lr %.2e  %.0f tokens/s",
-                    m.step,
-                    m.total_steps,
-                    m.loss,
-                    m.learning_rate,
-                    m.tokens_per_second,
-                )
-
-        def on_checkpoint(folder: Path, step: int) -> None:
-            storage.upload_dir(folder, f"{checkpoints_uri}step-{step}/", progress=False)
-
-        result = train_adapter(
-            model,
-            examples.train,
-            examples.eval,
-            config,
-            work / "adapter",
-            pad_id=int(tokenizer.pad_token_id),
-            base_model_name=dataset.base,
-            checkpoint_dir=work / "checkpoints",
-            resume=True,
-            run_key=key,
-            on_step=on_step,
-            on_checkpoint=on_checkpoint,
-            progress=progress,
-        )
-        registry.log_metrics(
-            run_id,
-            {
-                "base_eval_loss": result.base_eval_loss,
-                "train_eval_loss": result.eval_loss,
-                "throughput_tokens_per_second": result.tokens_per_second,
-                "peak_memory_bytes": float(result.peak_memory_bytes),
-                "trainable_parameters": float(result.trainable_parameters),
-                "resumed_from_step": float(result.resumed_from_step),
-                # compute inside the run; the rest of the step's time is overhead
-                "train_step_seconds": result.step_seconds,
-                "train_eval_seconds": result.eval_seconds,
-            },
-        )
-        history = registry.metric_history(run_id, "train_loss")
-        curve = plot_loss_curve(
-            history,
-            work / "loss_curve.png",
-            base_eval_loss=result.base_eval_loss,
-            eval_loss=result.eval_loss,
-            title=f"{dataset.customer}: training loss",
-        )
-        registry.log_artifact(run_id, curve, "plots")
-        registry.log_artifacts(run_id, work / "adapter", "adapter")
-        return result.steps
-
-
-def _download_latest_checkpoint(storage: Storage, prefix_uri: str, local: Path) -> None:
-    steps = sorted(
-        {
-            int(key.split("step-", 1)[1].split("/", 1)[0])
-            for key in storage.list_keys(prefix_uri)
-            if key.endswith("/MANIFEST.json") and "step-" in key
-        }
-    )
-    if steps:
-        storage.download_dir(f"{prefix_uri}step-{steps[-1]}/", local / f"step-{steps[-1]}")
-        log.info("resuming from checkpoint step %d in %s", steps[-1], prefix_uri)
-
-
 @dataclass(frozen=True)
 class EvalOutcome:
     """The evaluation figures, the gate's decision and the Markdown report."""
@@ -353,7 +293,7 @@ class EvalOutcome:
         return asdict(self.gate) | {"improvement": self.gate.improvement}
 
 
-def evaluate_step(
+def evaluate_candidate(
     dataset: DatasetRef,
     trained: TrainedRef,
     min_improvement: float = DEFAULT_GATE.min_improvement,
@@ -425,7 +365,7 @@ def _log_evaluation(
     registry.set_tag(run_id, GATE_REASON_TAG, gate.reason)
 
 
-def register_step(
+def register_candidate(
     dataset: DatasetRef,
     trained: TrainedRef,
     outcome: EvalOutcome,

@@ -82,7 +82,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint.")] = False,
 ) -> None:
     """Train a LoRA adapter locally (no servers) and write it in PEFT's format."""
-    from lora_ops.train import train_from_files
+    from lora_ops.training.loop import train_from_files
 
     config = train_config(training)
     result = train_from_files(base, data, config, out_dir, resume=resume)

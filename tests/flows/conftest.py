@@ -19,8 +19,8 @@ from prefect.testing.utilities import prefect_test_harness
 from flows import tasks
 from lora_ops import pipeline
 from lora_ops.config import TrainConfig
-from lora_ops.evaluate import decide_gate
 from lora_ops.registry import review
+from lora_ops.training.gate import decide_gate
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +101,10 @@ class InMemoryPipeline:
 def steps(monkeypatch: pytest.MonkeyPatch, prefect_harness: None) -> InMemoryPipeline:
     memory = InMemoryPipeline()
     monkeypatch.setattr(pipeline, "existing_version", memory.existing_version)
-    monkeypatch.setattr(pipeline, "prep_step", memory.prepare)
-    monkeypatch.setattr(pipeline, "train_step", memory.train)
-    monkeypatch.setattr(pipeline, "evaluate_step", memory.evaluate)
-    monkeypatch.setattr(pipeline, "register_step", memory.register)
+    monkeypatch.setattr(pipeline, "prepare_data", memory.prepare)
+    monkeypatch.setattr(pipeline, "train_candidate", memory.train)
+    monkeypatch.setattr(pipeline, "evaluate_candidate", memory.evaluate)
+    monkeypatch.setattr(pipeline, "register_candidate", memory.register)
     monkeypatch.setattr(review, "request_review", memory.request_review)
     # The retry policy is under test, not its waits.
     for task in (

@@ -133,8 +133,8 @@ def test_s3_stopped_mid_run_fails_clearly_then_rerun_completes(stack: Any, tmp_p
 
 # -- a service stopped during each task ------------------------------------------------------
 
-STEPS = {"prep": "prep_step", "train": "train_step", "evaluate": "evaluate_step"}
-STEPS["register"] = "register_step"
+STEPS = {"prep": "prepare_data", "train": "train_candidate", "evaluate": "evaluate_candidate"}
+STEPS["register"] = "register_candidate"
 # One fault per service in the default run; the whole matrix with `make test-slow`.
 QUICK = {("s3", "evaluate"), ("mlflow", "register"), ("prefect", "train")}
 MATRIX = [

@@ -17,7 +17,7 @@ from lora_ops.config import TrainConfig
 from lora_ops.files import sha256_file
 from lora_ops.generation import generate_reply
 from lora_ops.lora import LoraSpec, adapters_in_use, apply_lora, load_adapter, save_adapter
-from lora_ops.train import train_adapter
+from lora_ops.training import TrainingJob, train_adapter
 from tests.helpers import randomize_adapter, sample_input_ids
 
 pytestmark = pytest.mark.slow
@@ -81,15 +81,16 @@ def test_training_on_the_sample_data_beats_the_base(smollm2_base: Path, tmp_path
         lora=LoraSpec(r=16, alpha=32), learning_rate=2e-3, max_steps=12, batch_size=8, seed=0
     )
     model = base_models.load_model(smollm2_base, "cpu")
-    result = train_adapter(
-        model,
-        dataset.train,
-        dataset.eval,
-        config,
-        tmp_path,
+    job = TrainingJob(
+        model=model,
+        train_examples=dataset.train,
+        eval_examples=dataset.eval,
+        config=config,
+        out_dir=tmp_path,
         pad_id=tokenizer.pad_token_id,
         progress=False,
     )
+    result = train_adapter(job)
     # The base has never seen Acme's answer format or facts; 12 steps teach the format.
     assert result.base_eval_loss > 3.0
     assert result.eval_loss < 0.6 * result.base_eval_loss

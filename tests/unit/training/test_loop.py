@@ -11,19 +11,22 @@ import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
-from lora_ops import base_models, checkpoints, data
+from lora_ops import base_models, data
 from lora_ops.config import TrainConfig
 from lora_ops.errors import InputError
 from lora_ops.lora import LoraSpec
-from lora_ops.train import (
+from lora_ops.training import checkpoints
+from lora_ops.training.loop import (
     StepMetrics,
+    TrainingHooks,
+    TrainingJob,
     learning_rate_at,
     micro_batches,
     total_steps_for,
     train_adapter,
 )
 
-SAMPLE = Path(__file__).parents[2] / "examples" / "acme-support.jsonl"
+SAMPLE = Path(__file__).parents[3] / "examples" / "acme-support.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +49,35 @@ def config(**overrides: object) -> TrainConfig:
     return TrainConfig(**settings)  # type: ignore[arg-type]
 
 
+class Crash(Exception):
+    pass
+
+
+class Recorder(TrainingHooks):
+    """Keeps what a run reported; raises at ``crash_at_step`` as a crash would."""
+
+    def __init__(self, crash_at_step: int | None = None) -> None:
+        self.steps: list[StepMetrics] = []
+        self.checkpoints: list[tuple[Path, int]] = []
+        self.crash_at_step = crash_at_step
+
+    def on_step(self, metrics: StepMetrics) -> None:
+        if metrics.step == self.crash_at_step:
+            raise Crash
+        self.steps.append(metrics)
+
+    def on_checkpoint(self, folder: Path, step: int) -> None:
+        self.checkpoints.append((folder, step))
+
+
 def run(
     tiny_base: Path, dataset: data.PreparedDataset, out: Path, cfg: TrainConfig, **kwargs: object
 ):
     model = base_models.load_model(tiny_base, "cpu")
-    return train_adapter(
+    job = TrainingJob(
         model, dataset.train, dataset.eval, cfg, out, pad_id=0, progress=False, **kwargs
     )  # type: ignore[arg-type]
+    return train_adapter(job)
 
 
 def test_schedule_warms_up_then_decays_to_zero() -> None:
@@ -80,12 +105,10 @@ def test_each_epoch_visits_every_example_once_in_a_seeded_order() -> None:
 def test_training_lowers_loss_and_reports_each_step(
     tiny_base: Path, dataset: data.PreparedDataset, tmp_path: Path
 ) -> None:
-    seen: list[StepMetrics] = []
-    result = run(
-        tiny_base, dataset, tmp_path, config(max_steps=12, learning_rate=2e-2), on_step=seen.append
-    )
-    assert [m.step for m in seen] == list(range(1, 13))
-    assert all(m.tokens_per_second > 0 and m.grad_norm > 0 for m in seen)
+    seen = Recorder()
+    result = run(tiny_base, dataset, tmp_path, config(max_steps=12, learning_rate=2e-2), hooks=seen)
+    assert [m.step for m in seen.steps] == list(range(1, 13))
+    assert all(m.tokens_per_second > 0 and m.grad_norm > 0 for m in seen.steps)
     assert result.eval_loss < result.base_eval_loss
     assert sum(result.train_losses[-3:]) < sum(result.train_losses[:3])
     summary = json.loads((tmp_path / "training_summary.json").read_text())
@@ -106,24 +129,17 @@ def test_same_seed_gives_the_same_losses(
     assert first.train_losses != other.train_losses
 
 
-class Crash(Exception):
-    pass
-
-
 def test_resume_after_a_crash_ends_with_the_same_adapter(
     tiny_base: Path, dataset: data.PreparedDataset, tmp_path: Path
 ) -> None:
     cfg = config(checkpoint_every=2)
     whole = run(tiny_base, dataset, tmp_path / "whole", cfg)
-
-    def crash_at_step_5(metrics: StepMetrics) -> None:
-        if metrics.step == 5:
-            raise Crash
-
+    cut = Recorder(crash_at_step=5)
     with pytest.raises(Crash):
-        run(tiny_base, dataset, tmp_path / "cut", cfg, on_step=crash_at_step_5)
+        run(tiny_base, dataset, tmp_path / "cut", cfg, hooks=cut)
     saved = checkpoints.complete_checkpoints(tmp_path / "cut" / "checkpoints")
     assert [p.name for p in saved] == ["step-2", "step-4"]
+    assert cut.checkpoints == [(saved[0], 2), (saved[1], 4)]  # each told to the hooks
     resumed = run(tiny_base, dataset, tmp_path / "cut", cfg, resume=True)
     assert resumed.resumed_from_step == 4
     assert resumed.train_losses == pytest.approx(whole.train_losses[4:], abs=1e-6)
@@ -153,7 +169,9 @@ def test_empty_splits_are_refused(
 ) -> None:
     model = base_models.load_model(tiny_base, "cpu")
     with pytest.raises(InputError, match="no evaluation examples"):
-        train_adapter(model, dataset.train, [], config(), tmp_path, pad_id=0, progress=False)
+        train_adapter(
+            TrainingJob(model, dataset.train, [], config(), tmp_path, pad_id=0, progress=False)
+        )
 
 
 @pytest.mark.gpu
@@ -162,9 +180,10 @@ def test_cuda_training_runs_under_bf16_autocast(
     tiny_base: Path, dataset: data.PreparedDataset, tmp_path: Path
 ) -> None:
     model = base_models.load_model(tiny_base, "cuda")
-    result = train_adapter(
+    job = TrainingJob(
         model, dataset.train, dataset.eval, config(max_steps=3), tmp_path, pad_id=0, progress=False
     )
+    result = train_adapter(job)
     assert all(math.isfinite(loss) for loss in result.train_losses)
     assert result.peak_memory_bytes > 0
     lora_params = [p for n, p in model.named_parameters() if "lora_" in n]

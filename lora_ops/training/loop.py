@@ -1,7 +1,8 @@
 """The LoRA training loop: AdamW, warmup + cosine, accumulation, clipping, exact resume.
 
-Training reports through an ``on_step`` callback (MLflow hooks in there later) and never
-imports a tracking library itself.
+A run is one ``TrainingJob``. It reports through ``TrainingHooks`` (after each step, after
+each checkpoint) and never imports a tracking library itself: the pipeline's hooks
+(``training.run_log``) log to MLflow and copy checkpoints to S3.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import random
 import resource
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,13 +21,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from lora_ops import checkpoints
 from lora_ops.base_models import autocast_for
-from lora_ops.batching import Tokenized, collate, count_loss_tokens, summed_nll
 from lora_ops.config import TrainConfig
 from lora_ops.errors import InputError
-from lora_ops.evaluate import eval_loss
 from lora_ops.lora import adapters_in_use, apply_lora, save_adapter
+from lora_ops.training import checkpoints
+from lora_ops.training.batching import Tokenized, collate, count_loss_tokens, summed_nll
+from lora_ops.training.evaluate import eval_loss
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,56 @@ class TrainResult:
         return data
 
 
-StepCallback = Callable[[StepMetrics], None]
-CheckpointCallback = Callable[[Path, int], None]
+class TrainingHooks:
+    """What a run calls as it goes. These do nothing: override the ones you need.
+
+    A hook that raises stops the run; the checkpoints written so far stay for a resume.
+    """
+
+    def on_step(self, metrics: StepMetrics) -> None:
+        """Called after every optimizer step."""
+
+    def on_checkpoint(self, folder: Path, step: int) -> None:
+        """Called after checkpoint ``step`` is written to ``folder``, e.g. to copy it to
+        object storage."""
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """One adapter to train: the model, its data and hyperparameters, where things go.
+
+    Attributes:
+        model: the base model (any device); gets an adapter named ``default``.
+        train_examples: tokenized examples with labels (-100 where no loss).
+        eval_examples: held-out examples; base and adapted loss are measured on them.
+        config: hyperparameters.
+        out_dir: where the adapter folder is written.
+        pad_id: the tokenizer's padding id.
+        base_model_name: recorded as ``base_model_name_or_path`` in adapter_config.json.
+        checkpoint_dir: where resumable checkpoints go (default ``out_dir/checkpoints``).
+        resume: continue from the newest checkpoint in ``checkpoint_dir`` if there is one.
+        run_key: identifies the data and base; a checkpoint made with another key (or
+            config) is refused rather than silently continued.
+        hooks: called after every optimizer step and every checkpoint.
+        progress: show a progress bar.
+    """
+
+    model: PreTrainedModel
+    train_examples: Sequence[Tokenized]
+    eval_examples: Sequence[Tokenized]
+    config: TrainConfig
+    out_dir: Path
+    pad_id: int
+    base_model_name: str = ""
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+    run_key: str = ""
+    hooks: TrainingHooks = field(default_factory=TrainingHooks)
+    progress: bool = True
+
+    @property
+    def checkpoint_folder(self) -> Path:
+        return self.checkpoint_dir or self.out_dir / "checkpoints"
 
 
 def learning_rate_at(step: int, total_steps: int, config: TrainConfig) -> float:
@@ -124,51 +173,23 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def train_adapter(  # noqa: PLR0913 - to take one run object
-    model: PreTrainedModel,
-    train_examples: Sequence[Tokenized],
-    eval_examples: Sequence[Tokenized],
-    config: TrainConfig,
-    out_dir: Path,
-    *,
-    pad_id: int,
-    base_model_name: str = "",
-    checkpoint_dir: Path | None = None,
-    resume: bool = False,
-    run_key: str = "",
-    on_step: StepCallback | None = None,
-    on_checkpoint: CheckpointCallback | None = None,
-    progress: bool = True,
-) -> TrainResult:
-    """Train one LoRA adapter on ``model`` and write it to ``out_dir`` in PEFT's format.
+def train_adapter(job: TrainingJob) -> TrainResult:
+    """Train one LoRA adapter on ``job.model`` and write it to ``job.out_dir`` in PEFT's format.
 
-    Args:
-        model: the base model (any device); gets an adapter named ``default``.
-        train_examples: tokenized examples with labels (-100 where no loss).
-        eval_examples: held-out examples; base and adapted loss are measured on them.
-        config: hyperparameters.
-        out_dir: where the adapter folder is written.
-        pad_id: the tokenizer's padding id.
-        base_model_name: recorded as ``base_model_name_or_path`` in adapter_config.json.
-        checkpoint_dir: where resumable checkpoints go (default ``out_dir/checkpoints``).
-        resume: continue from the newest checkpoint in ``checkpoint_dir`` if there is one.
-        run_key: identifies the data and base; a checkpoint made with another key (or
-            config) is refused rather than silently continued.
-        on_step: called after every optimizer step.
-        on_checkpoint: called with (folder, step) after each checkpoint is written, e.g.
-            to copy it to object storage.
-        progress: show a progress bar.
+    Raises:
+        InputError: a split is empty, or the checkpoint to resume from belongs to another
+            config, dataset or base model.
     """
-    if not train_examples:
+    if not job.train_examples:
         raise InputError("no training examples", field="data")
-    if not eval_examples:
+    if not job.eval_examples:
         raise InputError("no evaluation examples", field="data")
+    model, config = job.model, job.config
     device = next(model.parameters()).device
-    checkpoint_dir = checkpoint_dir or out_dir / "checkpoints"
-    fingerprint = checkpoints.fingerprint(config.model_dump_json(), run_key)
+    fingerprint = checkpoints.fingerprint(config.model_dump_json(), job.run_key)
     seed_everything(config.seed)
     eval_started = time.perf_counter()
-    base_loss = eval_loss(model, eval_examples, pad_id, config.batch_size)
+    base_loss = eval_loss(model, job.eval_examples, job.pad_id, config.batch_size)
     eval_seconds = time.perf_counter() - eval_started
     report = apply_lora(model, config.lora)  # A drawn from the seeded generator
     log.info("%s", report)
@@ -178,32 +199,18 @@ def train_adapter(  # noqa: PLR0913 - to take one run object
         weight_decay=config.weight_decay,
     )
     start_step = 0
-    if resume and (latest := checkpoints.latest(checkpoint_dir)) is not None:
+    if job.resume and (latest := checkpoints.latest(job.checkpoint_folder)) is not None:
         start_step = checkpoints.restore(latest, model, optimizer, fingerprint)
         log.info("resumed from %s (step %d)", latest, start_step)
-    total_steps = total_steps_for(len(train_examples), config)
-    losses = _run_steps(
-        model,
-        optimizer,
-        train_examples,
-        config,
-        pad_id,
-        start_step,
-        total_steps,
-        checkpoint_dir=checkpoint_dir,
-        fingerprint=fingerprint,
-        on_step=on_step,
-        on_checkpoint=on_checkpoint,
-        progress=progress,
-        base_model_name=base_model_name,
-    )
+    total_steps = total_steps_for(len(job.train_examples), config)
+    losses = _run_steps(job, optimizer, fingerprint, start_step, total_steps)
     eval_started = time.perf_counter()
     with adapters_in_use(model, "default"):
-        adapted_loss = eval_loss(model, eval_examples, pad_id, config.batch_size)
+        adapted_loss = eval_loss(model, job.eval_examples, job.pad_id, config.batch_size)
     eval_seconds += time.perf_counter() - eval_started
-    save_adapter(model, out_dir, base_model_name_or_path=base_model_name)
+    save_adapter(model, job.out_dir, base_model_name_or_path=job.base_model_name)
     result = TrainResult(
-        adapter_dir=out_dir,
+        adapter_dir=job.out_dir,
         steps=total_steps,
         train_losses=losses.losses,
         base_eval_loss=base_loss,
@@ -216,7 +223,8 @@ def train_adapter(  # noqa: PLR0913 - to take one run object
         step_seconds=losses.step_seconds,
         eval_seconds=eval_seconds,
     )
-    (out_dir / "training_summary.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    summary = json.dumps(result.to_json(), indent=2) + "\n"
+    (job.out_dir / "training_summary.json").write_text(summary)
     return result
 
 
@@ -224,68 +232,63 @@ def train_adapter(  # noqa: PLR0913 - to take one run object
 class _LoopRecord:
     losses: list[float]
     tokens_per_second: float
-    step_seconds: float  # inside _optimizer_step only: no callbacks, no checkpoints
+    step_seconds: float  # inside _optimizer_step only: no hooks, no checkpoints
 
 
-def _run_steps(  # noqa: PLR0913 - to take one run object
-    model: PreTrainedModel,
+def _run_steps(
+    job: TrainingJob,
     optimizer: torch.optim.Optimizer,
-    examples: Sequence[Tokenized],
-    config: TrainConfig,
-    pad_id: int,
+    fingerprint: str,
     start_step: int,
     total_steps: int,
-    *,
-    checkpoint_dir: Path,
-    fingerprint: str,
-    on_step: StepCallback | None,
-    on_checkpoint: CheckpointCallback | None,
-    progress: bool,
-    base_model_name: str,
 ) -> _LoopRecord:
+    """Optimizer steps ``start_step`` to ``total_steps``, with their hooks and checkpoints."""
+    model, config, examples = job.model, job.config, job.train_examples
     batches = micro_batches(len(examples), config, start_step)
     losses: list[float] = []
     tokens_seen, started, step_seconds = 0, time.perf_counter(), 0.0
     model.train()
     bar = tqdm(
-        total=total_steps, initial=start_step, desc="train", unit="step", disable=not progress
+        total=total_steps, initial=start_step, desc="train", unit="step", disable=not job.progress
     )
     with adapters_in_use(model, "default"), bar:
         for step in range(start_step, total_steps):
             window = [[examples[i] for i in next(batches)] for _ in range(config.grad_accum)]
             lr = learning_rate_at(step, total_steps, config)
             step_started = time.perf_counter()
-            loss, norm = _optimizer_step(model, optimizer, window, pad_id, lr, config)
+            loss, norm = _optimizer_step(model, optimizer, window, job.pad_id, lr, config)
             step_seconds += time.perf_counter() - step_started
             losses.append(loss)
             tokens_seen += sum(len(e.input_ids) for micro in window for e in micro)
             elapsed = time.perf_counter() - started
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
-            if on_step is not None:
-                labelled = sum(count_loss_tokens(micro) for micro in window)
-                metrics = StepMetrics(
-                    step=step + 1,
-                    total_steps=total_steps,
-                    loss=loss,
-                    learning_rate=lr,
-                    grad_norm=norm,
-                    tokens=labelled,
-                    tokens_per_second=tokens_seen / elapsed,
-                    elapsed_seconds=elapsed,
-                )
-                on_step(metrics)
+            metrics = StepMetrics(
+                step=step + 1,
+                total_steps=total_steps,
+                loss=loss,
+                learning_rate=lr,
+                grad_norm=norm,
+                tokens=sum(count_loss_tokens(micro) for micro in window),
+                tokens_per_second=tokens_seen / elapsed,
+                elapsed_seconds=elapsed,
+            )
+            job.hooks.on_step(metrics)
             if _checkpoint_due(step + 1, total_steps, config):
-                saved = checkpoints.save(
-                    checkpoint_dir, step + 1, model, optimizer, fingerprint, base_model_name
-                )
-                if on_checkpoint is not None:
-                    on_checkpoint(saved, step + 1)
+                _save_checkpoint(job, optimizer, fingerprint, step + 1)
     model.eval()
     elapsed = max(time.perf_counter() - started, 1e-9)
     return _LoopRecord(
         losses=losses, tokens_per_second=tokens_seen / elapsed, step_seconds=step_seconds
     )
+
+
+def _save_checkpoint(
+    job: TrainingJob, optimizer: torch.optim.Optimizer, fingerprint: str, done: int
+) -> None:
+    folder, model = job.checkpoint_folder, job.model
+    saved = checkpoints.save(folder, done, model, optimizer, fingerprint, job.base_model_name)
+    job.hooks.on_checkpoint(saved, done)
 
 
 def _checkpoint_due(done: int, total_steps: int, config: TrainConfig) -> bool:
@@ -339,7 +342,7 @@ def train_from_files(
     out_dir: Path,
     *,
     resume: bool = False,
-    on_step: StepCallback | None = None,
+    hooks: TrainingHooks | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Base name or folder + JSONL file -> adapter folder: the ``lora-ops train`` command.
@@ -347,7 +350,7 @@ def train_from_files(
     The data is checked in full before the model is loaded, so bad data fails in seconds
     and leaves nothing behind.
     """
-    # Imported here: data pulls in the tokenizer stack, and this keeps `train` importable
+    # Imported here: data pulls in the tokenizer stack, and this keeps the loop importable
     # by callers that bring their own tokenized examples.
     from lora_ops import base_models, data
 
@@ -361,16 +364,17 @@ def train_from_files(
         eval_fraction=config.eval_fraction,
     )
     model = base_models.load_model(folder)
-    return train_adapter(
-        model,
-        dataset.train,
-        dataset.eval,
-        config,
-        Path(out_dir),
+    job = TrainingJob(
+        model=model,
+        train_examples=dataset.train,
+        eval_examples=dataset.eval,
+        config=config,
+        out_dir=Path(out_dir),
         pad_id=int(tokenizer.pad_token_id),
         base_model_name=base_models.base_name(folder),
         resume=resume,
         run_key=f"{dataset.sha256}:{base_models.base_sha256(folder)}",
-        on_step=on_step,
+        hooks=hooks or TrainingHooks(),
         progress=progress,
     )
+    return train_adapter(job)

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and workers
 from matplotlib import pyplot as plt  # noqa: E402
 
-from lora_ops.evaluate import GateDecision  # noqa: E402
+from lora_ops.training.gate import GateDecision  # noqa: E402
 
 
 def plot_loss_curve(
