@@ -32,7 +32,7 @@ from transformers import PreTrainedModel
 from lora_ops import base_models
 from lora_ops.generation import SamplingParams
 from lora_ops.lora import LoraSpec
-from lora_ops.serving.engine import AdapterSource, Engine
+from lora_ops.serving.engine import AdapterSource, Engine, EngineConfig
 
 BASE = "smollm2-135m-instruct"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -144,9 +144,10 @@ def main() -> None:
         folders = [Path(tmp) / name for name in names]
         spec = LoraSpec(r=args.rank, alpha=2 * args.rank, target_modules=LORA_TARGETS)
         write_random_adapters(base, folders, spec)
-        engine = Engine(
+        config = EngineConfig(
             base, max_adapters=args.requests, max_batch_size=args.requests, batch_window_s=0.05
         )
+        engine = Engine(config)
         for name, folder in zip(names, folders, strict=True):
             engine.load_adapter(name, AdapterSource(str(folder)))
         prompts = sample_prompts(engine, args.requests)

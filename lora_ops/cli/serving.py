@@ -63,14 +63,14 @@ def serve(
 
     from lora_ops.serving.access import load_api_keys
     from lora_ops.serving.app import create_app
-    from lora_ops.serving.engine import Engine
+    from lora_ops.serving.engine import Engine, EngineConfig
     from lora_ops.settings import get_settings
 
     settings = get_settings()
     token = admin_token or secret_value(settings.admin_token)
     grants = load_api_keys(api_keys) if api_keys else None  # checked before the model loads
     roots = _adapter_roots(adapter_root or settings.adapter_roots)
-    engine = Engine(
+    config = EngineConfig(
         base,
         max_adapters=max_adapters,
         max_batch_size=max_batch_size,
@@ -80,6 +80,7 @@ def serve(
         adapter_roots=roots,
         bucket=settings.bucket,
     )
+    engine = Engine(config)
     app_ = create_app(engine, token, grants)
     # The ~770,000 objects of the loaded libraries and model never die; frozen, the
     # collector stops walking them in every full collection (~0.5 s pauses on 2 cores that

@@ -38,7 +38,7 @@ from lora_ops.settings import get_settings
 log = logging.getLogger(__name__)
 
 BASE_MODEL_NAME = "base"
-__all__ = ["AdapterSource", "Engine", "EngineStats", "Overloaded", "UnknownModel"]
+__all__ = ["AdapterSource", "Engine", "EngineConfig", "EngineStats", "Overloaded", "UnknownModel"]
 
 
 class Overloaded(LoraOpsError):
@@ -71,8 +71,9 @@ class _Pending:
     on_text: TokenCallback | None
 
 
-class Engine:
-    """Serve a base model and many adapters beside it.
+@dataclass(frozen=True)
+class EngineConfig:
+    """How an engine serves: its base model, and the limits that keep a replica responsive.
 
     Args:
         base: catalogue name or transformers folder of the base model.
@@ -89,39 +90,47 @@ class Engine:
         work_dir: where fetched adapter files are kept while they load.
     """
 
-    def __init__(  # noqa: PLR0913 - to take one engine config
-        self,
-        base: str | Path,
-        *,
-        max_adapters: int = 8,
-        max_adapter_bytes: int | None = None,
-        max_batch_size: int = 16,
-        batch_window_s: float = 0.01,
-        max_queue: int = 256,
-        max_model_len: int | None = None,
-        adapter_roots: Sequence[Path] | None = None,
-        bucket: str | None = None,
-        work_dir: Path | None = None,
-    ) -> None:
-        if min(max_adapters, max_batch_size, max_queue) < 1:
+    base: str | Path
+    max_adapters: int = 8
+    max_adapter_bytes: int | None = None
+    max_batch_size: int = 16
+    batch_window_s: float = 0.01
+    max_queue: int = 256
+    max_model_len: int | None = None
+    adapter_roots: Sequence[Path] | None = None
+    bucket: str | None = None
+    work_dir: Path | None = None
+
+
+class Engine:
+    """Serve a base model and many adapters beside it, as ``config`` says."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        if min(config.max_adapters, config.max_batch_size, config.max_queue) < 1:
             raise InputError("max_adapters, max_batch_size and max_queue must be >= 1")
-        self.base = str(base)
-        self.tokenizer = base_models.load_tokenizer(base)
-        self.model = base_models.load_model(base)
-        self.max_model_len = _context_length(self.model, max_model_len)
-        self.max_adapters = max_adapters
-        self.max_batch_size = max_batch_size
-        self.batch_window_s = batch_window_s
-        self.max_queue = max_queue
+        self.config = config
+        self.base = str(config.base)
+        self.tokenizer = base_models.load_tokenizer(config.base)
+        self.model = base_models.load_model(config.base)
+        self.max_model_len = _context_length(self.model, config.max_model_len)
+        self.max_adapters = config.max_adapters
+        self.max_batch_size = config.max_batch_size
+        self.batch_window_s = config.batch_window_s
+        self.max_queue = config.max_queue
         self.stats = EngineStats()
         self._lock = threading.RLock()  # the model: decoding, loading, evicting
         self._tmp = tempfile.TemporaryDirectory(prefix="lora-ops-adapters-")
-        self.work_dir = Path(work_dir) if work_dir else Path(self._tmp.name)
-        policy = SourcePolicy(adapter_roots, bucket or get_settings().bucket)
+        self.work_dir = Path(config.work_dir) if config.work_dir else Path(self._tmp.name)
+        policy = SourcePolicy(config.adapter_roots, config.bucket or get_settings().bucket)
         self.cache = AdapterCache(
-            self.model, policy, self.work_dir, self.stats, max_adapters, max_adapter_bytes
+            self.model,
+            policy,
+            self.work_dir,
+            self.stats,
+            self.max_adapters,
+            config.max_adapter_bytes,
         )
-        self._queue: queue.Queue[_Pending | None] = queue.Queue(maxsize=max_queue)
+        self._queue: queue.Queue[_Pending | None] = queue.Queue(maxsize=self.max_queue)
         self._closed = False
         self._batch_s = 0.1  # running mean of one batch's time, for Retry-After
         self._worker = threading.Thread(target=self._serve, name="engine-batcher", daemon=True)

@@ -19,7 +19,7 @@ from schemathesis import BaseSchema, GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
 from lora_ops.serving.app import create_app
-from lora_ops.serving.engine import AdapterSource, Engine
+from lora_ops.serving.engine import AdapterSource, Engine, EngineConfig
 from tests.serving.replicas import make_adapters
 
 ADMIN = "fuzz-admin-token-0123456789"
@@ -41,7 +41,9 @@ OPERATIONS = [
 def engine(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     root = tmp_path_factory.mktemp("fuzz-adapters")
     adapters = make_adapters(tiny_base, root, ["acme"])
-    served = Engine(tiny_base, batch_window_s=0.0, max_model_len=64, adapter_roots=[root])
+    served = Engine(
+        EngineConfig(tiny_base, batch_window_s=0.0, max_model_len=64, adapter_roots=[root])
+    )
     served.load_adapter("acme", AdapterSource(str(adapters["acme"])))
     yield served
     served.close()

@@ -14,7 +14,7 @@ from lora_ops.errors import InputError
 from lora_ops.lora import LoraSpec, apply_lora, save_adapter
 from lora_ops.serving.access import load_api_keys
 from lora_ops.serving.app import create_app
-from lora_ops.serving.engine import AdapterSource, Engine
+from lora_ops.serving.engine import AdapterSource, Engine, EngineConfig
 from tests.helpers import randomize_adapter
 
 ADMIN = "admin-token-for-access-tests"
@@ -31,7 +31,7 @@ def client(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             {ACME_KEY: {"customer": "acme"}, GLOBEX_KEY: {"customer": "globex", "allow_base": True}}
         )
     )
-    engine = Engine(tiny_base, batch_window_s=0.0)
+    engine = Engine(EngineConfig(tiny_base, batch_window_s=0.0))
     for seed, name in enumerate(["acme", "globex"]):
         model = base_models.load_model(tiny_base, "cpu")
         apply_lora(model, LoraSpec(r=2), adapter=name)

@@ -14,7 +14,7 @@ from lora_ops.errors import InputError
 from lora_ops.files import sha256_file
 from lora_ops.generation import GenerationRequest, SamplingParams, generate_batch
 from lora_ops.lora import LoraSpec, apply_lora, save_adapter
-from lora_ops.serving.engine import AdapterSource, Engine, UnknownModel
+from lora_ops.serving.engine import AdapterSource, Engine, EngineConfig, UnknownModel
 from tests.helpers import randomize_adapter
 
 CUSTOMERS = ["acme", "globex", "initech", "hooli", "umbrella"]
@@ -37,7 +37,7 @@ def adapter_dirs(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 
 @pytest.fixture
 def engine(tiny_base: Path) -> Iterator[Engine]:
-    served = Engine(tiny_base, max_adapters=8, batch_window_s=0.2)
+    served = Engine(EngineConfig(tiny_base, max_adapters=8, batch_window_s=0.2))
     yield served
     served.close()
 
@@ -73,7 +73,7 @@ def test_mixed_requests_share_a_batch_and_match_each_alone(
 
 
 def test_small_cache_evicts_and_reloads(adapter_dirs: dict[str, Path], tiny_base: Path) -> None:
-    engine = Engine(tiny_base, max_adapters=2, batch_window_s=0.05)
+    engine = Engine(EngineConfig(tiny_base, max_adapters=2, batch_window_s=0.05))
     try:
         for name in CUSTOMERS:
             engine.load_adapter(name, AdapterSource(str(adapter_dirs[name])))

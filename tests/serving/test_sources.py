@@ -12,7 +12,7 @@ from lora_ops.errors import InputError
 from lora_ops.files import sha256_file
 from lora_ops.generation import SamplingParams
 from lora_ops.lora.peft_format import read_adapter_tensors
-from lora_ops.serving.engine import AdapterSource, Engine, UnknownModel
+from lora_ops.serving.engine import AdapterSource, Engine, EngineConfig, UnknownModel
 from lora_ops.serving.sources import SourcePolicy, SourceUnavailable
 from tests.serving.replicas import make_adapters
 
@@ -34,7 +34,9 @@ def root(made: dict[str, Path], tmp_path: Path) -> Path:
 
 @pytest.fixture
 def engine(tiny_base: Path, root: Path) -> Iterator[Engine]:
-    served = Engine(tiny_base, max_adapters=1, batch_window_s=0.0, adapter_roots=[root])
+    served = Engine(
+        EngineConfig(tiny_base, max_adapters=1, batch_window_s=0.0, adapter_roots=[root])
+    )
     yield served
     served.close()
 
@@ -104,7 +106,7 @@ def test_symlinks_out_of_the_root_are_refused(engine: Engine, root: Path, tmp_pa
 
 
 def test_no_roots_means_no_local_folders(tiny_base: Path, root: Path) -> None:
-    engine = Engine(tiny_base, adapter_roots=[])
+    engine = Engine(EngineConfig(tiny_base, adapter_roots=[]))
     try:
         with pytest.raises(InputError, match="--adapter-root"):
             engine.load_adapter("acme", AdapterSource(str(root / "acme")))
@@ -141,7 +143,9 @@ def test_without_a_sha256_the_first_load_is_pinned(
 def test_a_failed_reload_fails_only_its_own_requests(
     tiny_base: Path, root: Path, made: dict[str, Path]
 ) -> None:
-    engine = Engine(tiny_base, max_adapters=1, batch_window_s=0.5, adapter_roots=[root])
+    engine = Engine(
+        EngineConfig(tiny_base, max_adapters=1, batch_window_s=0.5, adapter_roots=[root])
+    )
     try:
         engine.load_adapter("acme", AdapterSource(str(root / "acme")))
         engine.load_adapter("globex", AdapterSource(str(root / "globex")))  # evicts acme
@@ -157,7 +161,9 @@ def test_a_failed_reload_fails_only_its_own_requests(
 
 
 def test_unloading_while_requests_wait_answers_them_not_found(tiny_base: Path, root: Path) -> None:
-    engine = Engine(tiny_base, max_adapters=1, batch_window_s=0.5, adapter_roots=[root])
+    engine = Engine(
+        EngineConfig(tiny_base, max_adapters=1, batch_window_s=0.5, adapter_roots=[root])
+    )
     try:
         engine.load_adapter("acme", AdapterSource(str(root / "acme")))
         engine.load_adapter("globex", AdapterSource(str(root / "globex")))  # acme not resident

@@ -1,0 +1,163 @@
+"""A replica's errors in OpenAI's shape, and the OpenAPI schema that tells the truth about them.
+
+Every refusal is ``{"error": {"message", "type", "param", "code"}}``. FastAPI documents a
+422 for every route with a body; this app answers bad input with 400 instead, and has
+statuses of its own (401, 403, 404, 413, 429, 503). Documenting them lets clients, and the
+schema fuzz test, check real answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lora_ops.errors import InputError, LoraOpsError
+from lora_ops.serving.access import AccessDenied
+from lora_ops.serving.engine import Overloaded, UnknownModel
+from lora_ops.serving.limits import BodyTooLarge
+from lora_ops.serving.schemas import ErrorResponse
+from lora_ops.serving.sources import SourceUnavailable
+
+_ERROR: dict[str, Any] = {"model": ErrorResponse}
+COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {**_ERROR, "description": "Bad input (OpenAI's invalid_request_error)."},
+    413: {**_ERROR, "description": "The body is too large."},
+    503: {**_ERROR, "description": "Shutting down, or an adapter store is unreachable."},
+}
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {**_ERROR, "description": "No valid bearer token."},
+    403: {**_ERROR, "description": "The token may not do this."},
+}
+INFERENCE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **COMMON_RESPONSES,
+    **AUTH_RESPONSES,
+    404: {**_ERROR, "description": "No such model."},
+    429: {
+        **_ERROR,
+        "description": "The request queue is full; retry after Retry-After seconds.",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+    },
+}
+ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **COMMON_RESPONSES,
+    **AUTH_RESPONSES,
+    404: {**_ERROR, "description": "No adapter of that name (unload)."},
+}
+
+
+def openai_error(
+    status: int,
+    message: str,
+    kind: str,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# -- one handler per error kind --------------------------------------------------------------
+
+
+async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        return openai_error(400, "the body is not valid JSON", "invalid_request_error")
+    param = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
+    return openai_error(400, f"{param}: {first['msg']}", "invalid_request_error", param=param)
+
+
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # The framework's own refusals (an unparsable body, no such route, a wrong method) in
+    # OpenAI's shape too, keeping headers such as Allow.
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    response = openai_error(exc.status_code, str(exc.detail), kind)
+    response.headers.update(exc.headers or {})
+    return response
+
+
+async def _unknown_model(_: Request, exc: UnknownModel) -> JSONResponse:
+    return openai_error(404, str(exc), "invalid_request_error", "model_not_found", "model")
+
+
+async def _input_error(_: Request, exc: InputError) -> JSONResponse:
+    return openai_error(400, str(exc), "invalid_request_error", param=exc.field)
+
+
+async def _denied(_: Request, exc: AccessDenied) -> JSONResponse:
+    return openai_error(exc.status, exc.message, exc.kind)
+
+
+async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
+    retry = {"Retry-After": str(exc.retry_after_s)}
+    return openai_error(429, str(exc), "rate_limit_exceeded", "queue_full", headers=retry)
+
+
+async def _too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
+    return openai_error(413, str(exc), "invalid_request_error", "request_too_large")
+
+
+async def _unavailable(_: Request, exc: SourceUnavailable) -> JSONResponse:
+    return openai_error(503, str(exc), "service_unavailable", headers={"Retry-After": "5"})
+
+
+async def _refused(_: Request, exc: LoraOpsError) -> JSONResponse:
+    # Shutting down, and other states the caller can only wait out.
+    return openai_error(503, str(exc), "service_unavailable")
+
+
+# Starlette picks the handler of the most specific class in an exception's MRO, so the
+# LoraOpsError catch-all shadows none of its subclasses here (InputError, Overloaded, ...).
+_HANDLERS: dict[type[Exception], Callable[[Request, Any], Awaitable[JSONResponse]]] = {
+    RequestValidationError: _bad_request,
+    StarletteHTTPException: _http_error,
+    UnknownModel: _unknown_model,
+    InputError: _input_error,
+    AccessDenied: _denied,
+    Overloaded: _overloaded,
+    BodyTooLarge: _too_large,
+    SourceUnavailable: _unavailable,
+    LoraOpsError: _refused,
+}
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Answer every error kind the replica knows in OpenAI's shape."""
+    for kind, handler in _HANDLERS.items():
+        app.add_exception_handler(kind, handler)
+
+
+# -- the schema ------------------------------------------------------------------------------
+
+
+def document_errors(app: FastAPI) -> None:
+    """Build the schema once, without the 422 responses this app never sends."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    _json_errors(operation.get("responses", {}))
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(unused, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _json_errors(responses: dict[str, Any]) -> None:
+    """Drop FastAPI's 422; errors are JSON even on routes that answer 200 in plain text."""
+    responses.pop("422", None)
+    for status, response in responses.items():
+        content = response.get("content", {})
+        if int(status) >= 400 and content and "application/json" not in content:
+            response["content"] = {"application/json": next(iter(content.values()))}

@@ -1,0 +1,223 @@
+"""A replica's routes: OpenAI's inference API, vLLM's adapter admin, health and metrics.
+
+A route parses, calls the engine and shapes the answer. What the routes share reaches them
+through dependencies: :data:`Replica` reads ``app.state``, and the dependency that hands a
+route its body checks first that the caller may send it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from lora_ops.generation import GenerationResult
+from lora_ops.serving import schemas
+from lora_ops.serving.access import Access, KeyGrant
+from lora_ops.serving.engine import AdapterSource, Engine
+from lora_ops.serving.errors import ADMIN_RESPONSES, INFERENCE_RESPONSES
+from lora_ops.serving.metrics import ReplicaMetrics
+from lora_ops.serving.schemas import ChatCompletionRequest, CompletionRequest
+from lora_ops.serving.streaming import json_or_events, start_stream
+
+DEFAULT_MAX_TOKENS = 64
+
+# -- what the routes share -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    """What every route shares; ``create_app`` keeps it on ``app.state.replica``."""
+
+    engine: Engine
+    access: Access
+    metrics: ReplicaMetrics
+    paths: frozenset[str]  # the app's own; metrics label every other path "other"
+
+
+def replica_of(app: Any) -> ReplicaState:
+    state: ReplicaState = app.state.replica
+    return state
+
+
+async def _replica(request: Request) -> ReplicaState:
+    return replica_of(request.app)
+
+
+Replica = Annotated[ReplicaState, Depends(_replica)]
+
+# -- who may call ----------------------------------------------------------------------------
+# A dependency's own dependencies are solved before its body is checked, so each check below
+# takes the body itself: it then runs only once the body is valid, and a malformed request
+# is a 400 for any caller, its key checked after.
+
+
+def _authorization(request: Request) -> str | None:
+    return request.headers.get("authorization")
+
+
+async def _caller_grant(request: Request, replica: Replica) -> KeyGrant | None:
+    return replica.access.grant(_authorization(request))
+
+
+async def _completion_for_caller(
+    body: CompletionRequest, request: Request, replica: Replica
+) -> CompletionRequest:
+    replica.access.require_model(_authorization(request), body.model)
+    return body
+
+
+async def _chat_for_caller(
+    body: ChatCompletionRequest, request: Request, replica: Replica
+) -> ChatCompletionRequest:
+    replica.access.require_model(_authorization(request), body.model)
+    return body
+
+
+async def _load_by_admin(
+    body: schemas.LoadLoraAdapterRequest, request: Request, replica: Replica
+) -> schemas.LoadLoraAdapterRequest:
+    replica.access.require_admin(_authorization(request))
+    return body
+
+
+async def _unload_by_admin(
+    body: schemas.UnloadLoraAdapterRequest, request: Request, replica: Replica
+) -> schemas.UnloadLoraAdapterRequest:
+    replica.access.require_admin(_authorization(request))
+    return body
+
+
+CallerGrant = Annotated[KeyGrant | None, Depends(_caller_grant)]  # None: every model
+CompletionForCaller = Annotated[CompletionRequest, Depends(_completion_for_caller)]
+ChatForCaller = Annotated[ChatCompletionRequest, Depends(_chat_for_caller)]
+LoadByAdmin = Annotated[schemas.LoadLoraAdapterRequest, Depends(_load_by_admin)]
+UnloadByAdmin = Annotated[schemas.UnloadLoraAdapterRequest, Depends(_unload_by_admin)]
+
+# -- the routers, by who may call them -------------------------------------------------------
+
+health_routes = APIRouter()  # anyone
+inference_routes = APIRouter()  # an API key reaching the model, where keys are configured
+admin_routes = APIRouter()  # the admin token
+metrics_routes = APIRouter()  # anyone
+# In this order the schema lists the paths as it always has.
+ROUTERS = (health_routes, inference_routes, admin_routes, metrics_routes)
+
+
+@health_routes.get(
+    "/health", response_model=schemas.Health, responses={503: {"model": schemas.Health}}
+)
+async def health(request: Request, replica: Replica) -> Any:
+    # Not ready while production adapters are still loading at start-up.
+    if not request.app.state.ready:
+        return JSONResponse({"status": "loading", "base": replica.engine.base}, status_code=503)
+    return schemas.Health(status="ok", base=replica.engine.base)
+
+
+@inference_routes.get("/v1/models", responses=INFERENCE_RESPONSES)
+async def list_models(grant: CallerGrant, replica: Replica) -> schemas.ModelList:
+    # vLLM's shape: an adapter's root is where it was loaded from, its parent the base.
+    engine = replica.engine
+    now = int(time.time())
+    cards: list[tuple[str, str, str | None]] = []
+    if grant is None or grant.allow_base:
+        cards.append(("base", engine.base, None))
+    for name in engine.models()[1:]:
+        if grant is None:
+            cards.append((name, engine.source_of(name), "base"))
+        elif grant.allows(name):  # a customer does not learn the replica's paths
+            cards.append((name, name, "base"))
+    data = [
+        schemas.ModelCard(
+            id=name, object="model", created=now, owned_by="lora-ops", root=root, parent=parent
+        )
+        for name, root, parent in cards
+    ]
+    return schemas.ModelList(object="list", data=data)
+
+
+@inference_routes.post(
+    "/v1/completions",
+    response_model=None,
+    responses={200: json_or_events(schemas.CompletionResponse), **INFERENCE_RESPONSES},
+)
+async def completions(body: CompletionForCaller, replica: Replica) -> Response | dict[str, Any]:
+    ids = await asyncio.to_thread(replica.engine.encode_text, body.prompt)
+    return await _respond(replica.engine, body, ids, chat=False)
+
+
+@inference_routes.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses={200: json_or_events(schemas.ChatCompletionResponse), **INFERENCE_RESPONSES},
+)
+async def chat_completions(body: ChatForCaller, replica: Replica) -> Response | dict[str, Any]:
+    messages = [m.model_dump() for m in body.messages]
+    ids = await asyncio.to_thread(replica.engine.encode_chat, messages)
+    return await _respond(replica.engine, body, ids, chat=True)
+
+
+@admin_routes.post(
+    "/v1/load_lora_adapter", response_class=PlainTextResponse, responses=ADMIN_RESPONSES
+)
+async def load_lora_adapter(body: LoadByAdmin, replica: Replica) -> str:
+    source = AdapterSource(body.lora_path, body.sha256)
+    await asyncio.to_thread(replica.engine.load_adapter, body.lora_name, source)
+    return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+
+
+@admin_routes.post(
+    "/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=ADMIN_RESPONSES
+)
+async def unload_lora_adapter(body: UnloadByAdmin, replica: Replica) -> str:
+    await asyncio.to_thread(replica.engine.unload_adapter, body.lora_name)
+    return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
+
+
+@metrics_routes.get("/metrics", response_class=PlainTextResponse)
+async def prometheus_metrics(replica: Replica) -> Response:
+    body = generate_latest(replica.metrics.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+# -- answers ---------------------------------------------------------------------------------
+
+
+async def _respond(
+    engine: Engine, body: CompletionRequest | ChatCompletionRequest, ids: list[int], chat: bool
+) -> Response | dict[str, Any]:
+    limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    if limit is None:  # OpenAI's default: as much as fits, here capped at a short answer
+        limit = max(1, min(DEFAULT_MAX_TOKENS, engine.room(len(ids))))
+    params = body.model_copy(update={"max_tokens": limit}).sampling(DEFAULT_MAX_TOKENS)
+    if body.stream:
+        return await start_stream(engine, body.model, ids, params, chat)
+    result = await asyncio.wrap_future(engine.submit(ids, body.model, params))
+    return _completion_body(body.model, result, chat)
+
+
+def _completion_body(model: str, result: GenerationResult, chat: bool) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason, "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": result.text}
+    else:
+        choice["text"] = result.text
+    completion = len(result.token_ids)
+    return {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": result.prompt_tokens + completion,
+        },
+    }
