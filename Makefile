@@ -50,7 +50,7 @@ demo: $(STAMP)
 	@echo "Stop it (the data stays in .lora-ops/):  $(LORA_OPS) stack down"
 
 test: lint
-	$(PY) -m pytest -m 'not long and not compose'
+	$(PY) -m pytest -m 'not long and not compose' --durations=15
 
 # The minutes-long runs: every service stopped during every task, the soak, the secrets
 # search over a whole run, SmolLM2 training.
