@@ -4,6 +4,7 @@ needs it."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
             env = embedded.service_env(settings)
             for name, value in env.items():
                 patch.setenv(name, value)
+            _refresh_prefect_settings()
             yield RunningStack(
                 settings=Settings(),  # as any client in the session will see it
                 env=env,
@@ -66,3 +68,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
             )
         finally:
             embedded.down(settings)
+    _refresh_prefect_settings()
+
+
+def _refresh_prefect_settings() -> None:
+    """Make an already imported Prefect read the environment again.
+
+    Prefect reads its settings once, when it is imported; a test module that imports it at
+    collection (tests/flows) would otherwise leave every later flow on an ephemeral server
+    instead of the stack's.
+    """
+    if "prefect" in sys.modules:
+        from prefect.context import refresh_global_settings_context
+
+        refresh_global_settings_context()
