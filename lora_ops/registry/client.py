@@ -15,11 +15,6 @@ from lora_ops.registry.versions import AdapterVersions
 class Registry(TrainingRuns, AdapterVersions):
     """Runs and registered adapter versions of every customer in one MLflow installation.
 
-    Args:
-        tracking_uri: the MLflow tracking (and registry) URI; default
-            ``Settings.mlflow_tracking_uri`` (``MLFLOW_TRACKING_URI``).
-        artifact_root: where new experiments keep their artifacts
-            (``<root>/<customer>``). Unset: the server decides, except for a
-            ``sqlite:///`` store, whose artifacts go to ``mlartifacts/`` beside the database
-            file (MLflow's own default is ``./mlruns`` under whatever the working folder is).
+    Built as :class:`~lora_ops.registry.connection.Connection` is (``tracking_uri``,
+    ``artifact_root``).
     """
