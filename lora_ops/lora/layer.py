@@ -25,6 +25,34 @@ from lora_ops.errors import InputError
 from lora_ops.lora.spec import LoraSpec
 
 
+@dataclass
+class SlotStacks:
+    """Per-slot adapter weights of one layer for a running batch (see ``lora.slots``).
+
+    ``a[s]`` is slot ``s``'s A^T (d_in, rank) and ``b[s]`` its scaling * B^T (rank, d_out),
+    zero for a slot on the base or on an adapter without this layer; ranks are padded to
+    the largest, zero columns giving the same product.
+    """
+
+    a: torch.Tensor  # (slots, d_in, rank)
+    b: torch.Tensor  # (slots, rank, d_out)
+
+
+@dataclass(frozen=True)
+class SlotRoute:
+    """Which slots the rows of one forward pass use.
+
+    ``slots`` maps batch rows to slots: a slice when they are consecutive (then the stacks
+    are read in place), else an index tensor. ``uniform`` is the one slot whose weights
+    every row shares, when they do (plain matmuls then); ``any_adapter`` False means every
+    row is on the base.
+    """
+
+    slots: slice | torch.Tensor
+    uniform: int | None
+    any_adapter: bool
+
+
 @dataclass(frozen=True)
 class RowGroup:
     """The batch rows that use one adapter in a mixed batch."""
@@ -56,6 +84,9 @@ class LoRALinear(nn.Module):
         self._row_groups: list[RowGroup] | None = None
         # Per-row (A^T, scaling * B^T) stacks for the current row groups; built on first use.
         self._row_stacks: tuple[torch.Tensor, torch.Tensor] | None = None
+        # The serving engine's running batch: per-slot weights, and this forward's rows.
+        self.slot_stacks: SlotStacks | None = None
+        self.slot_route: SlotRoute | None = None
 
     @property
     def row_groups(self) -> list[RowGroup] | None:
@@ -139,6 +170,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result: torch.Tensor = self.base_layer(x)
+        if self.slot_route is not None:
+            return self._add_slot_rows(x, result, self.slot_route)
         if self.row_groups is not None:
             if self.merged:
                 raise RuntimeError(
@@ -200,6 +233,23 @@ class LoRALinear(nn.Module):
         if flat.dtype != hidden.dtype:
             return result + torch.bmm(hidden, stacked_b).view(result.shape).to(result.dtype)
         return torch.baddbmm(flat, hidden, stacked_b).view(result.shape)
+
+    def _add_slot_rows(
+        self, x: torch.Tensor, result: torch.Tensor, route: SlotRoute
+    ) -> torch.Tensor:
+        stacks = self.slot_stacks
+        if stacks is None or not route.any_adapter:
+            return result
+        if self.merged:
+            raise RuntimeError(f"adapters {self.merged} are merged into the weight")
+        rows = x.reshape(x.shape[0], -1, self.d_in).to(stacks.a.dtype)  # (rows, tokens, d_in)
+        if route.uniform is not None:
+            hidden = torch.matmul(rows, stacks.a[route.uniform])
+            delta = torch.matmul(hidden, stacks.b[route.uniform])
+        else:
+            hidden = torch.bmm(rows, stacks.a[route.slots])  # (rows, tokens, rank)
+            delta = torch.bmm(hidden, stacks.b[route.slots])
+        return result + delta.view(result.shape).to(result.dtype)
 
     def _stacks_for(self, n_rows: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's A^T and scaling * B^T, zero for rows on the base; ranks padded."""
