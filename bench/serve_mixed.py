@@ -144,9 +144,7 @@ def main() -> None:
         folders = [Path(tmp) / name for name in names]
         spec = LoraSpec(r=args.rank, alpha=2 * args.rank, target_modules=LORA_TARGETS)
         write_random_adapters(base, folders, spec)
-        config = EngineConfig(
-            base, max_adapters=args.requests, max_batch_size=args.requests, batch_window_s=0.05
-        )
+        config = EngineConfig(base, max_adapters=args.requests, max_batch_size=args.requests)
         engine = Engine(config)
         for name, folder in zip(names, folders, strict=True):
             engine.load_adapter(name, AdapterSource(str(folder)))

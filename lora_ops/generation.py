@@ -63,8 +63,8 @@ class GenerationResult:
 TokenCallback = Callable[[int, str], None]  # (row, newly decoded text)
 
 
-class _Row:
-    """Decoding state of one request."""
+class DecodingRow:
+    """Decoding state of one request: what it generated, its sampler, whether it is done."""
 
     def __init__(self, request: GenerationRequest, device: torch.device) -> None:
         self.request = request
@@ -91,6 +91,45 @@ class _Row:
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
+    def advance(
+        self, logits: torch.Tensor, eos: set[int | None], tokenizer: PreTrainedTokenizerBase
+    ) -> tuple[int, str]:
+        """Pick the next token from ``logits``; return it and the text it completed.
+
+        The text is empty while a partial UTF-8 character waits for its other bytes, and
+        once the row has finished (then the token is only padding).
+        """
+        if self.finish_reason:
+            return int(tokenizer.pad_token_id), ""
+        token = self.pick(logits)
+        params = self.request.params
+        if token in eos and not params.ignore_eos:
+            self.finish_reason = "stop"
+            return token, ""
+        self.tokens.append(token)
+        # One flat list of ids decodes to one string; the list[str] branch is for batches.
+        text = cast(str, tokenizer.decode(self.tokens, skip_special_tokens=True))
+        cut = min((text.find(s) for s in params.stop if s in text), default=-1)
+        if cut >= 0:
+            text, self.finish_reason = text[:cut], "stop"
+        elif len(self.tokens) >= params.max_tokens:
+            self.finish_reason = "length"
+        # A partial UTF-8 character decodes as U+FFFD: hold it back until it is whole.
+        whole = not text.endswith("\ufffd") or self.finish_reason is not None
+        if not whole:
+            return token, ""
+        piece = text[len(self.text) :] if len(text) > len(self.text) else ""
+        self.text = text
+        return token, piece
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            text=self.text,
+            token_ids=self.tokens,
+            finish_reason=self.finish_reason or "length",
+            prompt_tokens=len(self.request.prompt_ids),
+        )
+
 
 def generate_batch(
     model: PreTrainedModel,
@@ -100,9 +139,9 @@ def generate_batch(
 ) -> list[GenerationResult]:
     """Decode every request in one batch, each through its own adapter (or the base)."""
     device = next(model.parameters()).device
-    rows = [_Row(r, device) for r in requests]
+    rows = [DecodingRow(r, device) for r in requests]
     input_ids, attention_mask = _left_pad([r.prompt_ids for r in requests], tokenizer, device)
-    eos = _end_ids(model, tokenizer)
+    eos = end_ids(model, tokenizer)
     cache = DynamicCache()
     step_ids = input_ids
     with torch.no_grad(), adapters_in_use(model, [r.adapter for r in requests]):
@@ -113,7 +152,7 @@ def generate_batch(
                     input_ids=step_ids,
                     attention_mask=attention_mask,
                     position_ids=positions,
-                    past_key_values=cache,
+                    cache=cache,
                     use_cache=True,
                     # Only the last position is sampled from: projecting every prompt
                     # position onto the vocabulary would cost more than the prompt itself.
@@ -121,14 +160,17 @@ def generate_batch(
                 )
             cache = out.past_key_values
             logits = out.logits[:, -1, :]  # (batch, vocab)
-            next_ids = [
-                _advance(row, logits[i], eos, tokenizer, on_text, i) for i, row in enumerate(rows)
-            ]
+            next_ids = []
+            for i, row in enumerate(rows):
+                token, piece = row.advance(logits[i], eos, tokenizer)
+                next_ids.append(token)
+                if piece and on_text is not None:
+                    on_text(i, piece)
             if all(row.finish_reason for row in rows):
                 break
             step_ids = torch.tensor(next_ids, device=device).unsqueeze(1)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], 1)
-    return [_result(row) for row in rows]
+    return [row.result() for row in rows]
 
 
 def encode_chat(
@@ -159,39 +201,7 @@ def generate_reply(
     return result.text.strip()
 
 
-def _advance(
-    row: _Row,
-    logits: torch.Tensor,
-    eos: set[int | None],
-    tokenizer: PreTrainedTokenizerBase,
-    on_text: TokenCallback | None,
-    index: int,
-) -> int:
-    """Pick this row's next token (or keep feeding padding once it has finished)."""
-    if row.finish_reason:
-        return int(tokenizer.pad_token_id)
-    token = row.pick(logits)
-    if token in eos and not row.request.params.ignore_eos:
-        row.finish_reason = "stop"
-        return token
-    row.tokens.append(token)
-    # One flat list of ids decodes to one string; the list[str] branch is for batches.
-    text = cast(str, tokenizer.decode(row.tokens, skip_special_tokens=True))
-    cut = min((text.find(s) for s in row.request.params.stop if s in text), default=-1)
-    if cut >= 0:
-        text, row.finish_reason = text[:cut], "stop"
-    elif len(row.tokens) >= row.request.params.max_tokens:
-        row.finish_reason = "length"
-    # A partial UTF-8 character decodes as U+FFFD: hold it back until it is whole.
-    whole = not text.endswith("\ufffd") or row.finish_reason is not None
-    if whole and len(text) > len(row.text) and on_text is not None:
-        on_text(index, text[len(row.text) :])
-    if whole or row.finish_reason:
-        row.text = text
-    return token
-
-
-def _end_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int | None]:
+def end_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int | None]:
     configured = getattr(model.generation_config, "eos_token_id", None)
     extra = configured if isinstance(configured, list) else [configured]
     return {tokenizer.eos_token_id, *extra} - {None}
@@ -209,12 +219,3 @@ def _left_pad(
         ids[row, width - len(prompt) :] = torch.tensor(prompt)
         mask[row, width - len(prompt) :] = 1
     return ids.to(device), mask.to(device)
-
-
-def _result(row: _Row) -> GenerationResult:
-    return GenerationResult(
-        text=row.text,
-        token_ids=row.tokens,
-        finish_reason=row.finish_reason or "length",
-        prompt_tokens=len(row.request.prompt_ids),
-    )

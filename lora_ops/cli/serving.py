@@ -27,13 +27,36 @@ def serve(
             help="Bearer token for load/unload (default: LORA_OPS_ADMIN_TOKEN).", show_default=False
         ),
     ] = None,
-    max_adapters: Annotated[int, typer.Option(min=1, help="Adapters kept in memory.")] = 8,
-    max_batch_size: Annotated[int, typer.Option(min=1, help="Requests per batch.")] = 16,
-    batch_window_ms: Annotated[float, typer.Option(min=0, help="Wait for company, ms.")] = 10.0,
+    max_adapters: Annotated[int, typer.Option(min=1, help="Adapters kept in memory.")] = 1024,
+    max_adapter_mb: Annotated[
+        int, typer.Option(min=1, help="Memory for the adapters kept in memory, MiB.")
+    ] = 2048,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Requests running at once.")] = 16,
     max_queue: Annotated[
         int,
-        typer.Option(min=1, help="Requests allowed to wait for a batch; more get 429 at once."),
+        typer.Option(min=1, help="Requests allowed to wait to run; more get 429 at once."),
     ] = 256,
+    max_requests_per_model: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Requests one customer may have waiting and running; more get 429."
+        ),
+    ] = 128,
+    kv_cache_tokens: Annotated[
+        int | None,
+        typer.Option(
+            min=16,
+            help="Tokens the KV cache holds for the running requests "
+            "(default: the larger of the context length and 1,024 per batch row).",
+            show_default=False,
+        ),
+    ] = None,
+    prefill_chunk_tokens: Annotated[
+        int, typer.Option(min=1, help="Most prompt tokens computed per step.")
+    ] = 512,
+    prefix_caching: Annotated[
+        bool, typer.Option(help="Reuse the KV of prompt prefixes seen before (per adapter).")
+    ] = True,
     max_model_len: Annotated[
         int | None,
         typer.Option(
@@ -73,9 +96,13 @@ def serve(
     config = EngineConfig(
         base,
         max_adapters=max_adapters,
+        max_adapter_bytes=max_adapter_mb * 1024**2,
         max_batch_size=max_batch_size,
-        batch_window_s=batch_window_ms / 1000,
         max_queue=max_queue,
+        max_requests_per_model=max_requests_per_model,
+        kv_cache_tokens=kv_cache_tokens,
+        prefill_chunk_tokens=prefill_chunk_tokens,
+        prefix_caching=prefix_caching,
         max_model_len=max_model_len,
         adapter_roots=roots,
         bucket=settings.bucket,

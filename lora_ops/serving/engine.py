@@ -1,38 +1,54 @@
-"""The serving engine: one base model, an LRU cache of adapters, and a request batcher.
+"""The serving engine: one base model, many adapters, a running batch scheduled per step.
 
-Requests that arrive within a short window are decoded together even when they name
-different adapters: each batch row goes through its own adapter, made resident by the
-cache (:mod:`lora_ops.serving.cache`). The queue in front of the batcher is bounded: past
-``max_queue`` waiting requests, new ones are refused at once (:class:`Overloaded`) rather
-than left to wait without end. No HTTP here.
+Every decoding step, the engine drops requests whose callers went away, admits waiting
+requests fairly between customers while the batch and the KV cache have room
+(:mod:`~lora_ops.serving.scheduler`), computes one chunk of each new prompt and one token
+of every other row, and answers the rows that finished. A short request arriving while
+long ones decode starts at the next step instead of after them; a long prompt is computed
+a chunk per step (``prefill_chunk_tokens``) so the rows already decoding keep going.
+
+Each row goes through its own adapter (or the base): a request joining copies its
+adapter's weights into its slot (:mod:`lora_ops.lora.slots`), made resident by the cache
+(:mod:`~lora_ops.serving.cache`) that keeps adapters in memory within a byte budget. Keys
+and values live in the preallocated blocks of :mod:`~lora_ops.serving.kv_cache`; when
+they run out, the newest row is preempted and computed again later, never an out-of-memory
+failure. No HTTP here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import queue
 import tempfile
 import threading
 import time
-from collections import Counter
-from collections.abc import Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from collections.abc import Sequence as Seq
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from lora_ops import base_models
 from lora_ops.errors import InputError, LoraOpsError
 from lora_ops.generation import (
+    DecodingRow,
     GenerationRequest,
     GenerationResult,
     SamplingParams,
     TokenCallback,
     encode_chat,
-    generate_batch,
+    end_ids,
 )
-from lora_ops.serving.cache import AdapterCache, CacheStats, UnknownModel
+from lora_ops.lora.slots import AdapterSlots
+from lora_ops.serving.batch import StepPlanner
+from lora_ops.serving.cache import AdapterCache, UnknownModel
+from lora_ops.serving.kv_cache import DEFAULT_BLOCK_SIZE, BlockPool, KVShape, KVStore
+from lora_ops.serving.runner import ModelRunner
+from lora_ops.serving.scheduler import Overloaded, Scheduler, Sequence
 from lora_ops.serving.sources import AdapterSource, SourcePolicy, SourceUnavailable
+from lora_ops.serving.stats import EngineStats
 from lora_ops.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -41,49 +57,24 @@ BASE_MODEL_NAME = "base"
 __all__ = ["AdapterSource", "Engine", "EngineConfig", "EngineStats", "Overloaded", "UnknownModel"]
 
 
-class Overloaded(LoraOpsError):
-    """The request queue is full; the caller should retry after ``retry_after_s``."""
-
-    def __init__(self, limit: int, retry_after_s: int) -> None:
-        self.limit = limit
-        self.retry_after_s = retry_after_s
-        super().__init__(
-            f"the replica is at capacity ({limit} requests waiting); retry in {retry_after_s} s"
-        )
-
-
-@dataclass
-class EngineStats(CacheStats):
-    """Counters the HTTP layer exports as Prometheus metrics."""
-
-    requests: int = 0
-    batches: int = 0
-    batch_sizes: Counter[int] = field(default_factory=Counter)  # size -> batches
-    generated_tokens: int = 0
-    prompt_tokens: int = 0
-    rejected: int = 0  # refused because the queue was full
-
-
-@dataclass
-class _Pending:
-    request: GenerationRequest
-    future: Future[GenerationResult]
-    on_text: TokenCallback | None
-
-
 @dataclass(frozen=True)
 class EngineConfig:
     """How an engine serves: its base model, and the limits that keep a replica responsive.
 
     Args:
         base: catalogue name or transformers folder of the base model.
-        max_adapters: adapters kept resident at once (least recently used go first).
-        max_adapter_bytes: optional byte budget for resident adapters' weights.
-        max_batch_size: most requests decoded in one batch.
-        batch_window_s: how long the first request of a batch waits for company.
-        max_queue: most requests waiting for a batch; more are refused (:class:`Overloaded`).
+        max_adapters: adapters kept in memory at once (least recently used go first).
+        max_adapter_bytes: byte budget for the adapters kept in memory.
+        max_batch_size: most requests running at once.
+        max_queue: most requests waiting to run; more are refused (:class:`Overloaded`).
+        max_requests_per_model: most requests one model (a customer's adapter, or the
+            base) may have waiting and running; more are refused (:class:`Overloaded`).
         max_model_len: most tokens (prompt + completion) of one request; at most, and by
             default, the base model's context length.
+        kv_cache_tokens: tokens the KV cache holds, shared by the running requests
+            (default: the larger of ``max_model_len`` and 1,024 per batch row).
+        prefill_chunk_tokens: most prompt tokens computed in one step.
+        prefix_caching: reuse the keys and values of prompt blocks seen before.
         adapter_roots: folders local adapters must lie in; ``None`` accepts any folder
             (in-process use), an empty sequence none (``lora-ops serve`` passes its roots).
         bucket: the one S3 bucket adapters may come from (default: the settings' bucket).
@@ -91,13 +82,16 @@ class EngineConfig:
     """
 
     base: str | Path
-    max_adapters: int = 8
-    max_adapter_bytes: int | None = None
+    max_adapters: int = 1024
+    max_adapter_bytes: int | None = 2 * 1024**3
     max_batch_size: int = 16
-    batch_window_s: float = 0.01
     max_queue: int = 256
+    max_requests_per_model: int = 128
     max_model_len: int | None = None
-    adapter_roots: Sequence[Path] | None = None
+    kv_cache_tokens: int | None = None
+    prefill_chunk_tokens: int = 512
+    prefix_caching: bool = True
+    adapter_roots: Seq[Path] | None = None
     bucket: str | None = None
     work_dir: Path | None = None
 
@@ -106,8 +100,18 @@ class Engine:
     """Serve a base model and many adapters beside it, as ``config`` says."""
 
     def __init__(self, config: EngineConfig) -> None:
-        if min(config.max_adapters, config.max_batch_size, config.max_queue) < 1:
-            raise InputError("max_adapters, max_batch_size and max_queue must be >= 1")
+        limits = (
+            config.max_adapters,
+            config.max_batch_size,
+            config.max_queue,
+            config.max_requests_per_model,
+            config.prefill_chunk_tokens,
+        )
+        if min(limits) < 1:
+            raise InputError(
+                "max_adapters, max_batch_size, max_queue, max_requests_per_model and "
+                "prefill_chunk_tokens must be >= 1"
+            )
         self.config = config
         self.base = str(config.base)
         self.tokenizer = base_models.load_tokenizer(config.base)
@@ -115,10 +119,10 @@ class Engine:
         self.max_model_len = _context_length(self.model, config.max_model_len)
         self.max_adapters = config.max_adapters
         self.max_batch_size = config.max_batch_size
-        self.batch_window_s = config.batch_window_s
         self.max_queue = config.max_queue
         self.stats = EngineStats()
-        self._lock = threading.RLock()  # the model: decoding, loading, evicting
+        self._lock = threading.RLock()  # the model: forwards, loading, evicting
+        self._wake = threading.Condition()  # the scheduler's queues, and new work
         self._tmp = tempfile.TemporaryDirectory(prefix="lora-ops-adapters-")
         self.work_dir = Path(config.work_dir) if config.work_dir else Path(self._tmp.name)
         policy = SourcePolicy(config.adapter_roots, config.bucket or get_settings().bucket)
@@ -130,11 +134,31 @@ class Engine:
             self.max_adapters,
             config.max_adapter_bytes,
         )
-        self._queue: queue.Queue[_Pending | None] = queue.Queue(maxsize=self.max_queue)
+        self.scheduler = Scheduler(config.max_queue, config.max_requests_per_model)
+        self.kv_capacity, self.planner = self._kv_cache(config)
+        self._device = next(self.model.parameters()).device
+        self._eos = end_ids(self.model, self.tokenizer)
         self._closed = False
-        self._batch_s = 0.1  # running mean of one batch's time, for Retry-After
-        self._worker = threading.Thread(target=self._serve, name="engine-batcher", daemon=True)
+        self._request_s = 1.0  # running mean of a request's time, for Retry-After
+        self._worker = threading.Thread(target=self._serve, name="engine-steps", daemon=True)
         self._worker.start()
+
+    def _kv_cache(self, config: EngineConfig) -> tuple[int, StepPlanner]:
+        tokens = config.kv_cache_tokens or max(self.max_model_len, 1024 * config.max_batch_size)
+        if tokens < 2:
+            raise InputError("must be at least 2", field="kv_cache_tokens")
+        device = next(self.model.parameters()).device
+        dtype = torch.bfloat16 if device.type == "cuda" else self.model.dtype
+        blocks = -(-tokens // DEFAULT_BLOCK_SIZE)
+        store = KVStore(KVShape.of(self.model.config), blocks, DEFAULT_BLOCK_SIZE, dtype, device)
+        # One slot more than rows: room to swap two rows' weights when the batch is tidied.
+        slots = AdapterSlots(self.model, config.max_batch_size + 1, dtype)
+        pad = self.tokenizer.pad_token_id
+        runner = ModelRunner(self.model, store, slots, int(pad if pad is not None else 0))
+        pool = BlockPool(blocks)
+        planner = StepPlanner(runner, pool, self.scheduler, self.stats, config.prefill_chunk_tokens)
+        planner.prefix_caching = config.prefix_caching
+        return blocks * DEFAULT_BLOCK_SIZE, planner
 
     # -- adapters -------------------------------------------------------------------------
 
@@ -152,6 +176,9 @@ class Engine:
     def load_adapter(self, name: str, source: AdapterSource) -> None:
         """Load (or replace) adapter ``name``; on any failure nothing changes.
 
+        Requests already running on an older version finish on it (their slots hold a
+        copy); requests admitted afterwards get the new one.
+
         Raises:
             InputError: bad name, a refused or missing location, checksum mismatch, or an
                 adapter that does not fit this base.
@@ -166,7 +193,7 @@ class Engine:
 
     # -- requests -------------------------------------------------------------------------
 
-    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: Seq[dict[str, str]]) -> list[int]:
         return encode_chat(self.tokenizer, messages)
 
     def encode_text(self, prompt: str) -> list[int]:
@@ -174,10 +201,18 @@ class Engine:
 
     def room(self, prompt_tokens: int) -> int:
         """How many tokens a request with this prompt may still generate."""
-        return self.max_model_len - prompt_tokens
+        return min(self.max_model_len, self.kv_capacity) - prompt_tokens
 
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return self.scheduler.waiting_count()
+
+    def running_count(self) -> int:
+        return len(self.scheduler.running)
+
+    def kv_cache_usage(self) -> float:
+        """The fraction of the KV cache's blocks in use (cached but unused ones are free)."""
+        pool = self.planner.pool
+        return pool.in_use() / pool.num_blocks
 
     def submit(
         self,
@@ -186,140 +221,168 @@ class Engine:
         params: SamplingParams | None = None,
         on_text: TokenCallback | None = None,
     ) -> Future[GenerationResult]:
-        """Queue one request; the future resolves when its batch has finished it.
+        """Queue one request; the future resolves when it has finished.
+
+        Cancelling the future (a caller that went away) frees its place at the next step.
 
         Raises:
             UnknownModel: ``model`` is neither ``base`` nor a loaded adapter.
-            InputError: an empty prompt, or prompt + max_tokens beyond ``max_model_len``.
-            Overloaded: ``max_queue`` requests are already waiting.
+            InputError: an empty prompt, or prompt + max_tokens beyond ``max_model_len``
+                or the KV cache.
+            Overloaded: the queue, or this model's share of it, is full.
         """
         adapter = None if model == BASE_MODEL_NAME else model
         if adapter is not None and adapter not in self.cache.sources:
             raise UnknownModel(f"the model {model!r} does not exist")
         params = params or SamplingParams()
         self._check_fits(len(prompt_ids), params.max_tokens)
-        if self._closed:
-            raise LoraOpsError("the replica is shutting down")
         future: Future[GenerationResult] = Future()
-        request = GenerationRequest(prompt_ids, adapter, params)
-        try:
-            self._queue.put_nowait(_Pending(request, future, on_text))
-        except queue.Full:
-            self.stats.rejected += 1
-            raise Overloaded(self.max_queue, self._retry_after_s()) from None
+        request = GenerationRequest(list(prompt_ids), adapter, params)
+        row = DecodingRow(request, self._device)
+        sequence = Sequence(request, future, on_text, row, model)
+        with self._wake:
+            if self._closed:
+                raise LoraOpsError("the replica is shutting down")
+            try:
+                self.scheduler.add(sequence, self._retry_after_s())
+            except Overloaded:
+                self.stats.rejected += 1
+                raise
+            self._wake.notify()
         return future
 
     def _check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         # Checked here, not in the batch: a bad request must not fail its batch-mates.
         if prompt_tokens == 0:
             raise InputError("the prompt holds no tokens", field="prompt")
-        if prompt_tokens + max_tokens > self.max_model_len:
+        limit = min(self.max_model_len, self.kv_capacity)
+        if prompt_tokens + max_tokens > limit:
+            where = "maximum context length" if limit == self.max_model_len else "KV cache"
             raise InputError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the "
-                f"prompt has {prompt_tokens} and max_tokens asks for {max_tokens} more",
+                f"this model's {where} is {limit} tokens; the prompt has {prompt_tokens} "
+                f"and max_tokens asks for {max_tokens} more",
                 field="max_tokens",
             )
 
     def _retry_after_s(self) -> int:
-        batches_ahead = self._queue.qsize() / self.max_batch_size
-        return max(1, math.ceil(batches_ahead * self._batch_s))
+        ahead = self.scheduler.waiting_count() + len(self.scheduler.running)
+        return max(1, min(60, math.ceil(ahead * self._request_s / self.max_batch_size)))
 
     def close(self) -> None:
-        self._closed = True
-        try:
-            self._queue.put(None, timeout=30)  # the batcher frees a slot within a batch
-        except queue.Full:
-            log.error("the batcher did not take the stop signal")
-        self._worker.join(timeout=30)
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._worker.join(timeout=60)
         self._tmp.cleanup()
 
+    # -- the step loop --------------------------------------------------------------------
+
     def _serve(self) -> None:
-        stopping = False
-        while not stopping:
-            batch, stopping = self._gather()
-            for group in self._fit_cache(batch):
-                self._run(group)
-        self._fail_waiting()
-
-    def _gather(self) -> tuple[list[_Pending], bool]:
-        """The next batch, and whether the stop signal came with it."""
-        first = self._queue.get()
-        if first is None:
-            return [], True
-        batch = [first]
-        deadline = time.monotonic() + self.batch_window_s
-        while len(batch) < self.max_batch_size:
-            try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if item is None:
-                return batch, True
-            batch.append(item)
-        return batch, False
-
-    def _fail_waiting(self) -> None:
         while True:
+            with self._wake:
+                while not self._closed and not self._has_work():
+                    self._wake.wait()
+                if self._closed:
+                    break
             try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is not None and item.future.set_running_or_notify_cancel():
-                item.future.set_exception(LoraOpsError("the replica is shutting down"))
+                self._step()
+            except Exception:  # a bug in a step must not stop the replica answering
+                log.exception("a decoding step failed; its requests are failed")
+                self.planner.fail_running(LoraOpsError("the request failed on the replica"))
+        self._fail_everything(LoraOpsError("the replica is shutting down"))
 
-    def _fit_cache(self, batch: list[_Pending]) -> list[list[_Pending]]:
-        """Split a batch so no part needs more adapters than the cache holds."""
-        groups: list[list[_Pending]] = [[]]
-        adapters: set[str] = set()
-        for item in batch:
-            name = item.request.adapter
-            if name is not None and name not in adapters and len(adapters) == self.max_adapters:
-                groups.append([])
-                adapters = set()
-            if name is not None:
-                adapters.add(name)
-            groups[-1].append(item)
-        return groups
+    def _has_work(self) -> bool:
+        return bool(self.scheduler.running) or self.scheduler.waiting_count() > 0
 
-    def _run(self, group: list[_Pending]) -> None:
-        live = [item for item in group if item.future.set_running_or_notify_cancel()]
-        if not live:
-            return
-        started = time.monotonic()
+    def _step(self) -> None:
+        with self._wake:
+            finished = self.planner.drop_abandoned()
+        self._admit()
+        with self._wake:
+            plan = self.planner.plan()
         with self._lock:
-            wanted = list(dict.fromkeys(i.request.adapter for i in live if i.request.adapter))
-            failed = self.cache.ensure_resident(wanted)
-            for item in live:
-                if item.request.adapter in failed:
-                    item.future.set_exception(_for_caller(item.request.adapter, failed))
-            ready = [item for item in live if item.request.adapter not in failed]
-            if ready:
-                self._decode(ready)
-        self._batch_s = 0.8 * self._batch_s + 0.2 * (time.monotonic() - started)
+            outcome = self.planner.run(plan, self.tokenizer, self._eos)
+        with self._wake:
+            for sequence in outcome.finished:
+                self.planner.release(sequence)
+        for sequence, piece in outcome.pieces:
+            _tell(sequence, piece)
+        for sequence in finished + outcome.finished:
+            self._answer(sequence)
 
-    def _decode(self, ready: list[_Pending]) -> None:
-        try:
-            results = generate_batch(
-                self.model,
-                self.tokenizer,
-                [i.request for i in ready],
-                on_text=lambda row, text: _forward(ready, row, text),
-            )
-        except Exception as exc:  # every waiting caller hears of it; the engine lives on
-            log.exception("batch of %d failed", len(ready))
-            for item in ready:
-                item.future.set_exception(exc)
+    def _admit(self) -> None:
+        """Admit waiting requests, fairest first, while the batch and the KV cache have room.
+
+        An adapter that must be read back from its source is loaded without the
+        scheduler's lock, so submissions (on the server's event loop) never wait for it.
+        """
+        while True:
+            with self._wake:
+                sequence = self._next_to_admit()
+            if sequence is None:
+                return
+            name = sequence.request.adapter
+            loaded = name is not None and name not in self.cache.resident
+            if loaded and name is not None:
+                with self._lock:
+                    self.cache.ensure_resident([name])
+            with self._wake, self._lock:
+                adapter_key = self._resident_key(sequence, counted=loaded)
+                if adapter_key is None:
+                    continue  # failed, and answered
+                if not self.planner.admit(sequence, adapter_key):
+                    return  # the KV cache is full: wait for rows to finish
+
+    def _next_to_admit(self) -> Sequence | None:
+        while len(self.scheduler.running) < self.max_batch_size:
+            sequence = self.scheduler.next_waiting()
+            if sequence is None or not sequence.abandoned():
+                return sequence
+            self.scheduler.drop_waiting(sequence)
+            self.stats.abandoned += 1
+        return None
+
+    def _resident_key(self, sequence: Sequence, counted: bool) -> str | None:
+        """The adapter's identity for prefix keys, its weights resident; None if it failed.
+
+        Checked again under the model's lock: an admin may have evicted it meanwhile.
+        ``counted``: this admission already asked the cache (a hit is not counted twice).
+        """
+        name = sequence.request.adapter
+        if name is None:
+            return BASE_MODEL_NAME
+        resident = counted and name in self.cache.resident
+        failed = {} if resident else self.cache.ensure_resident([name])
+        source = self.cache.sources.get(name)
+        if name in failed or source is None:
+            cause = failed.get(name) or UnknownModel(f"the model {name!r} does not exist")
+            self.scheduler.drop_waiting(sequence)
+            _fail(sequence, _for_caller(name, cause))
+            return None
+        return f"{name}@{source.expected_sha256}"
+
+    def _answer(self, sequence: Sequence) -> None:
+        if sequence.abandoned():
+            self.stats.abandoned += 1
             return
-        self._count(ready, results)
-        for item, result in zip(ready, results, strict=True):
-            item.future.set_result(result)
+        result = sequence.row.result()
+        self.stats.requests += 1
+        self.stats.generated_tokens += len(result.token_ids)
+        self.stats.prompt_tokens += result.prompt_tokens
+        elapsed = time.monotonic() - sequence.submitted
+        self.stats.e2e.observe(sequence.tenant, elapsed)
+        self._request_s = 0.9 * self._request_s + 0.1 * elapsed
+        try:
+            sequence.future.set_result(result)
+        except InvalidStateError:  # cancelled just now
+            self.stats.abandoned += 1
 
-    def _count(self, live: list[_Pending], results: list[GenerationResult]) -> None:
-        self.stats.requests += len(live)
-        self.stats.batches += 1
-        self.stats.batch_sizes[len(live)] += 1
-        self.stats.generated_tokens += sum(len(r.token_ids) for r in results)
-        self.stats.prompt_tokens += sum(r.prompt_tokens for r in results)
+    def _fail_everything(self, error: Exception) -> None:
+        with self._wake:
+            self.planner.fail_running(error)
+            for sequence in list(self.scheduler.all_waiting()):
+                self.scheduler.drop_waiting(sequence)
+                _fail(sequence, error)
 
 
 def _context_length(model: object, wanted: int | None) -> int:
@@ -333,24 +396,28 @@ def _context_length(model: object, wanted: int | None) -> int:
     return wanted
 
 
-def _for_caller(name: str, failed: dict[str, Exception]) -> Exception:
+def _for_caller(name: str, cause: Exception) -> Exception:
     """What a request hears when its adapter could not be loaded back.
 
     Not the cause itself: that names the server's paths and stores, and the caller's
     request was fine. The cause is in the replica's log.
     """
-    cause = failed[name]
     if isinstance(cause, UnknownModel):
         return cause
     return SourceUnavailable(f"the adapter {name!r} cannot be served right now")
 
 
-def _forward(live: list[_Pending], row: int, text: str) -> None:
-    callback = live[row].on_text
+def _fail(sequence: Sequence, error: Exception) -> None:
+    with contextlib.suppress(InvalidStateError):  # the caller cancelled first
+        sequence.future.set_exception(error)
+
+
+def _tell(sequence: Sequence, piece: str) -> None:
+    callback = sequence.on_text
     if callback is None:
         return
     try:
-        callback(row, text)
+        callback(0, piece)
     except Exception:  # a listener that went away must not fail its batch-mates
-        log.debug("dropping the text listener of row %d", row, exc_info=True)
-        live[row].on_text = None
+        log.debug("dropping a text listener", exc_info=True)
+        sequence.on_text = None

@@ -27,6 +27,7 @@ from lora_ops.serving.schemas import ChatCompletionRequest, CompletionRequest
 from lora_ops.serving.streaming import json_or_events, start_stream
 
 DEFAULT_MAX_TOKENS = 64
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for an answer nobody is left to read
 
 # -- what the routes share -------------------------------------------------------------------
 
@@ -147,9 +148,11 @@ async def list_models(grant: CallerGrant, replica: Replica) -> schemas.ModelList
     response_model=None,
     responses={200: json_or_events(schemas.CompletionResponse), **INFERENCE_RESPONSES},
 )
-async def completions(body: CompletionForCaller, replica: Replica) -> Response | dict[str, Any]:
+async def completions(
+    body: CompletionForCaller, request: Request, replica: Replica
+) -> Response | dict[str, Any]:
     ids = await asyncio.to_thread(replica.engine.encode_text, body.prompt)
-    return await _respond(replica.engine, body, ids, chat=False)
+    return await _respond(replica.engine, body, ids, request, chat=False)
 
 
 @inference_routes.post(
@@ -157,10 +160,12 @@ async def completions(body: CompletionForCaller, replica: Replica) -> Response |
     response_model=None,
     responses={200: json_or_events(schemas.ChatCompletionResponse), **INFERENCE_RESPONSES},
 )
-async def chat_completions(body: ChatForCaller, replica: Replica) -> Response | dict[str, Any]:
+async def chat_completions(
+    body: ChatForCaller, request: Request, replica: Replica
+) -> Response | dict[str, Any]:
     messages = [m.model_dump() for m in body.messages]
     ids = await asyncio.to_thread(replica.engine.encode_chat, messages)
-    return await _respond(replica.engine, body, ids, chat=True)
+    return await _respond(replica.engine, body, ids, request, chat=True)
 
 
 @admin_routes.post(
@@ -190,7 +195,11 @@ async def prometheus_metrics(replica: Replica) -> Response:
 
 
 async def _respond(
-    engine: Engine, body: CompletionRequest | ChatCompletionRequest, ids: list[int], chat: bool
+    engine: Engine,
+    body: CompletionRequest | ChatCompletionRequest,
+    ids: list[int],
+    request: Request,
+    chat: bool,
 ) -> Response | dict[str, Any]:
     limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
     if limit is None:  # OpenAI's default: as much as fits, here capped at a short answer
@@ -198,8 +207,24 @@ async def _respond(
     params = body.model_copy(update={"max_tokens": limit}).sampling(DEFAULT_MAX_TOKENS)
     if body.stream:
         return await start_stream(engine, body.model, ids, params, chat)
-    result = await asyncio.wrap_future(engine.submit(ids, body.model, params))
-    return _completion_body(body.model, result, chat)
+    answer = asyncio.wrap_future(engine.submit(ids, body.model, params))
+    gone = asyncio.ensure_future(_disconnected(request))
+    waiting: set[asyncio.Future[Any]] = {answer, gone}
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    if not answer.done():  # the client went away: its row is dropped at the next step
+        answer.cancel()
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    gone.cancel()
+    return _completion_body(body.model, answer.result(), chat)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone away.
+
+    The body is read already, so the next message the server delivers is the disconnect.
+    """
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _completion_body(model: str, result: GenerationResult, chat: bool) -> dict[str, Any]:

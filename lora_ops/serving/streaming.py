@@ -58,27 +58,35 @@ async def start_stream(
 async def _events(
     model: str, done: asyncio.Future[GenerationResult], pieces: asyncio.Queue[str], chat: bool
 ) -> AsyncIterator[str]:
-    """The stream's events: a chunk per piece of text, then the finish reason and [DONE]."""
-    chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    if chat:
-        yield _chunk(chunk_id, model, chat, {"role": "assistant", "content": ""}, None)
-    while not (done.done() and pieces.empty()):
-        getter = asyncio.ensure_future(pieces.get())
-        waiting: set[asyncio.Future[Any]] = {getter, done}
-        finished, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        if getter in finished:
-            yield _chunk(chunk_id, model, chat, getter.result(), None)
-        else:
-            getter.cancel()
-    if done.exception() is not None:
-        # Failed after the first text: the status line is sent already, so the failure
-        # is a last event, in the error shape OpenAI's clients raise from.
-        message, kind = _stream_error(done.exception())
-        yield f"data: {json.dumps({'error': {'message': message, 'type': kind}})}\n\n"
-        return
-    result = done.result()
-    yield _chunk(chunk_id, model, chat, "" if not chat else {}, result.finish_reason)
-    yield "data: [DONE]\n\n"
+    """The stream's events: a chunk per piece of text, then the finish reason and [DONE].
+
+    A client that goes away ends the generator early; its request is then cancelled, and
+    the engine drops its row at the next step.
+    """
+    try:
+        chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        if chat:
+            yield _chunk(chunk_id, model, chat, {"role": "assistant", "content": ""}, None)
+        while not (done.done() and pieces.empty()):
+            getter = asyncio.ensure_future(pieces.get())
+            waiting: set[asyncio.Future[Any]] = {getter, done}
+            finished, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if getter in finished:
+                yield _chunk(chunk_id, model, chat, getter.result(), None)
+            else:
+                getter.cancel()
+        if done.exception() is not None:
+            # Failed after the first text: the status line is sent already, so the failure
+            # is a last event, in the error shape OpenAI's clients raise from.
+            message, kind = _stream_error(done.exception())
+            yield f"data: {json.dumps({'error': {'message': message, 'type': kind}})}\n\n"
+            return
+        result = done.result()
+        yield _chunk(chunk_id, model, chat, "" if not chat else {}, result.finish_reason)
+        yield "data: [DONE]\n\n"
+    finally:
+        if not done.done():
+            done.cancel()
 
 
 def _stream_error(exc: BaseException | None) -> tuple[str, str]:

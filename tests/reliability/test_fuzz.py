@@ -41,9 +41,7 @@ OPERATIONS = [
 def engine(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     root = tmp_path_factory.mktemp("fuzz-adapters")
     adapters = make_adapters(tiny_base, root, ["acme"])
-    served = Engine(
-        EngineConfig(tiny_base, batch_window_s=0.0, max_model_len=64, adapter_roots=[root])
-    )
+    served = Engine(EngineConfig(tiny_base, max_model_len=64, adapter_roots=[root]))
     served.load_adapter("acme", AdapterSource(str(adapters["acme"])))
     yield served
     served.close()

@@ -67,7 +67,7 @@ def test_two_hundred_requests_over_twenty_adapters_without_an_error(
     tiny_base: Path, adapters: dict[str, Path], tmp_path: Path
 ) -> None:
     root = next(iter(adapters.values())).parent
-    args = ["--adapter-root", str(root), "--max-adapters", "20", "--batch-window-ms", "20"]
+    args = ["--adapter-root", str(root), "--max-adapters", "20"]
     with Replica(tiny_base, tmp_path / "replica.log", args) as replica:
         load_all(replica, adapters)
         plan = LoadPlan(replica.url, CUSTOMERS, total=200, concurrency=32, deadline_s=300)

@@ -31,7 +31,7 @@ def client(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             {ACME_KEY: {"customer": "acme"}, GLOBEX_KEY: {"customer": "globex", "allow_base": True}}
         )
     )
-    engine = Engine(EngineConfig(tiny_base, batch_window_s=0.0))
+    engine = Engine(EngineConfig(tiny_base))
     for seed, name in enumerate(["acme", "globex"]):
         model = base_models.load_model(tiny_base, "cpu")
         apply_lora(model, LoraSpec(r=2), adapter=name)

@@ -31,9 +31,7 @@ def root(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(tiny_base: Path, root: Path) -> Iterator[Engine]:
-    served = Engine(
-        EngineConfig(tiny_base, batch_window_s=0.0, max_model_len=CONTEXT, adapter_roots=[root])
-    )
+    served = Engine(EngineConfig(tiny_base, max_model_len=CONTEXT, adapter_roots=[root]))
     served.load_adapter("acme", AdapterSource(str(root / "acme")))
     yield served
     served.close()
@@ -171,9 +169,7 @@ def test_a_stream_whose_adapter_cannot_be_loaded_back_is_503(
 ) -> None:
     for name in ("acme", "globex"):
         shutil.copytree(root / "acme", tmp_path / name)
-    engine = Engine(
-        EngineConfig(tiny_base, max_adapters=1, batch_window_s=0.0, adapter_roots=[tmp_path])
-    )
+    engine = Engine(EngineConfig(tiny_base, max_adapters=1, adapter_roots=[tmp_path]))
     try:
         for name in ("acme", "globex"):
             engine.load_adapter(name, AdapterSource(str(tmp_path / name)))  # acme evicted

@@ -37,7 +37,7 @@ def adapter_dirs(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 
 @pytest.fixture
 def engine(tiny_base: Path) -> Iterator[Engine]:
-    served = Engine(EngineConfig(tiny_base, max_adapters=8, batch_window_s=0.2))
+    served = Engine(EngineConfig(tiny_base, max_adapters=8))
     yield served
     served.close()
 
@@ -73,7 +73,7 @@ def test_mixed_requests_share_a_batch_and_match_each_alone(
 
 
 def test_small_cache_evicts_and_reloads(adapter_dirs: dict[str, Path], tiny_base: Path) -> None:
-    engine = Engine(EngineConfig(tiny_base, max_adapters=2, batch_window_s=0.05))
+    engine = Engine(EngineConfig(tiny_base, max_adapters=2))
     try:
         for name in CUSTOMERS:
             engine.load_adapter(name, AdapterSource(str(adapter_dirs[name])))

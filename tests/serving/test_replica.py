@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import pickle
-from collections.abc import Iterator
+import socket
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,7 +34,7 @@ def replica(
 ) -> Iterator[str]:
     log = tmp_path_factory.mktemp("replica") / "replica.log"
     root = adapters["acme"].parent
-    args = ["--batch-window-ms", "200", "--adapter-root", str(root)]
+    args = ["--adapter-root", str(root)]
     with Replica(tiny_base, log, args) as running:
         yield running.url
 
@@ -164,3 +167,63 @@ def test_a_replica_with_no_registry_serves_at_once_and_says_so_once(
     assert logged.count(f"MLflow at {dead} is unreachable") == 1, logged
     assert "serving the base model and adapters loaded through the API" in logged
     assert "Retrying" not in logged  # MLflow's client was never left to retry a dead server
+
+
+def metric(url: str, name: str) -> float:
+    """The sum of a metric's samples (every label set) on /metrics."""
+    lines = httpx.get(url + "/metrics", timeout=30).text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.split("{")[0].split()[0] == name)
+
+
+def until(check: Callable[[], bool], what: str) -> None:
+    """Wait for ``check``; the bound only guards against a hang, it is no timing claim."""
+    deadline = time.monotonic() + 120
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_clients_that_disconnect_free_their_rows(client: openai.OpenAI, replica: str) -> None:
+    abandoned = metric(replica, "lora_ops_abandoned_requests_total")
+    body = {"model": "acme", "prompt": "Hi", "max_tokens": 1500, "ignore_eos": True}
+    with httpx.stream("POST", replica + "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the first event: it is running
+    # Not streamed: the request sent whole, the connection closed before any answer.
+    port = int(replica.rsplit(":", 1)[1])
+    payload = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        raw.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        until(lambda: metric(replica, "lora_ops_num_requests_running") >= 1, "never ran")
+    until(
+        lambda: metric(replica, "lora_ops_abandoned_requests_total") >= abandoned + 2,
+        "disconnected requests were not dropped",
+    )
+    until(lambda: metric(replica, "lora_ops_num_requests_running") == 0, "rows still held")
+    assert metric(replica, "lora_ops_kv_cache_usage_perc") == 0.0
+
+
+def test_latency_histograms_and_cache_figures_are_exported(
+    client: openai.OpenAI, replica: str
+) -> None:
+    client.completions.create(model="globex", prompt="Hello", max_tokens=4, temperature=0)
+    text = httpx.get(replica + "/metrics", timeout=30).text
+    for name in (
+        "lora_ops_time_to_first_token_seconds_bucket",
+        "lora_ops_inter_token_latency_seconds_bucket",
+        "lora_ops_e2e_request_latency_seconds_count",
+    ):
+        lines = [line for line in text.splitlines() if line.startswith(name + "{")]
+        assert any('model_name="globex"' in line for line in lines), name
+    for name in (
+        "lora_ops_num_requests_waiting",
+        "lora_ops_kv_cache_usage_perc",
+        "lora_ops_num_preemptions_total",
+        "lora_ops_prefix_cache_hits_total",
+        "lora_ops_prefix_cache_queries_total",
+    ):
+        assert any(line.startswith(name + " ") for line in text.splitlines()), name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,9 +35,7 @@ def root(made: dict[str, Path], tmp_path: Path) -> Path:
 
 @pytest.fixture
 def engine(tiny_base: Path, root: Path) -> Iterator[Engine]:
-    served = Engine(
-        EngineConfig(tiny_base, max_adapters=1, batch_window_s=0.0, adapter_roots=[root])
-    )
+    served = Engine(EngineConfig(tiny_base, max_adapters=1, adapter_roots=[root]))
     yield served
     served.close()
 
@@ -143,9 +142,7 @@ def test_without_a_sha256_the_first_load_is_pinned(
 def test_a_failed_reload_fails_only_its_own_requests(
     tiny_base: Path, root: Path, made: dict[str, Path]
 ) -> None:
-    engine = Engine(
-        EngineConfig(tiny_base, max_adapters=1, batch_window_s=0.5, adapter_roots=[root])
-    )
+    engine = Engine(EngineConfig(tiny_base, max_adapters=1, adapter_roots=[root]))
     try:
         engine.load_adapter("acme", AdapterSource(str(root / "acme")))
         engine.load_adapter("globex", AdapterSource(str(root / "globex")))  # evicts acme
@@ -161,18 +158,27 @@ def test_a_failed_reload_fails_only_its_own_requests(
 
 
 def test_unloading_while_requests_wait_answers_them_not_found(tiny_base: Path, root: Path) -> None:
-    engine = Engine(
-        EngineConfig(tiny_base, max_adapters=1, batch_window_s=0.5, adapter_roots=[root])
-    )
+    engine = Engine(EngineConfig(tiny_base, max_batch_size=1, adapter_roots=[root]))
+    gate, holding = threading.Event(), threading.Event()
+
+    def hold(_: int, __: str) -> None:  # runs on the engine's thread, outside its locks
+        holding.set()
+        gate.wait(timeout=60)
+
     try:
         engine.load_adapter("acme", AdapterSource(str(root / "acme")))
-        engine.load_adapter("globex", AdapterSource(str(root / "globex")))  # acme not resident
         prompt = engine.encode_text("Hi")
-        waiting = engine.submit(prompt, "acme", PARAMS)  # the batch window is still open
+        long = SamplingParams(max_tokens=4, ignore_eos=True)
+        running = engine.submit(prompt, "base", long, on_text=hold)  # holds the one row
+        assert holding.wait(timeout=60)
+        waiting = engine.submit(prompt, "acme", PARAMS)  # no room: it waits
         engine.unload_adapter("acme")
+        gate.set()
         with pytest.raises(UnknownModel, match="'acme' does not exist"):
             waiting.result(timeout=60)
+        assert running.result(timeout=60).finish_reason == "length"
     finally:
+        gate.set()
         engine.close()
 
 

@@ -14,7 +14,7 @@ from lora_ops.serving.engine import Engine, EngineConfig
 
 @pytest.fixture(scope="module")
 def client(tiny_base: Path) -> Iterator[TestClient]:
-    engine = Engine(EngineConfig(tiny_base, batch_window_s=0.0))
+    engine = Engine(EngineConfig(tiny_base))
     with TestClient(create_app(engine)) as test_client:
         yield test_client
     engine.close()

@@ -23,7 +23,7 @@ HELLO = [{"role": "user", "content": "Hi"}]
 def client(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     keys = tmp_path_factory.mktemp("route-keys") / "keys.json"
     keys.write_text(json.dumps({ACME_KEY: {"customer": "acme"}}))
-    engine = Engine(EngineConfig(tiny_base, batch_window_s=0.0))
+    engine = Engine(EngineConfig(tiny_base))
     with TestClient(create_app(engine, ADMIN, load_api_keys(keys))) as test_client:
         yield test_client
     engine.close()
