@@ -73,7 +73,10 @@ class ModelRunner:
             n = len(item.tokens)
             ids[row, width - n :] = torch.tensor(list(item.tokens), dtype=torch.long)
             positions[row, width - n :] = torch.arange(item.start, item.start + n)
-            tables[row, : len(item.blocks)] = torch.tensor(list(item.blocks), dtype=torch.long)
+            # A row may hold blocks reserved ahead of this pass's tokens; only those it
+            # reaches matter here.
+            held = list(item.blocks[: -(-(item.start + n) // block)])
+            tables[row, : len(held)] = torch.tensor(held, dtype=torch.long)
             ends[row] = item.start + n
         padding = (
             torch.arange(width) < (width - torch.tensor([len(w.tokens) for w in work]))[:, None]

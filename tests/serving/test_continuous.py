@@ -118,6 +118,31 @@ def test_rows_joining_a_running_batch_answer_as_alone(
     assert max(engine.stats.batch_sizes) >= 4  # they really decoded together
 
 
+def test_long_prompts_prefilled_in_chunks_beside_decoding_rows_answer_as_alone(
+    tiny_base: Path, adapter_dirs: dict[str, Path], solo: Callable[..., GenerationResult]
+) -> None:
+    # A 24-token chunk budget splits every long prompt over several steps and shares each
+    # step among rows, while the blocks of the whole prompt are already reserved.
+    engine = make_engine(tiny_base, adapter_dirs, prefill_chunk_tokens=24)
+    try:
+        long_prompts = [engine.encode_text(f"{t} " * 30) for t in ("alpha beta", "gamma", "z")]
+        gate = Gate()
+        running = engine.submit(prompts(engine)[0], "acme", LONG, on_text=gate)
+        gate.hold()
+        models = ["globex", "base", "initech"]
+        joining = [engine.submit(p, m, SHORT) for p, m in zip(long_prompts, models, strict=True)]
+        gate.release()
+        assert (
+            running.result(timeout=120).token_ids
+            == solo(prompts(engine)[0], "acme", LONG).token_ids
+        )
+        for prompt, model, future in zip(long_prompts, models, joining, strict=True):
+            assert len(prompt) > 24
+            assert future.result(timeout=120).token_ids == solo(prompt, model, SHORT).token_ids
+    finally:
+        engine.close()
+
+
 def test_a_short_request_finishes_while_long_ones_still_decode(engine: Engine) -> None:
     prompt = prompts(engine)[0]
     gate = Gate()
