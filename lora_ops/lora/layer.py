@@ -244,12 +244,18 @@ class LoRALinear(nn.Module):
             raise RuntimeError(f"adapters {self.merged} are merged into the weight")
         rows = x.reshape(x.shape[0], -1, self.d_in).to(stacks.a.dtype)  # (rows, tokens, d_in)
         if route.uniform is not None:
-            hidden = torch.matmul(rows, stacks.a[route.uniform])
-            delta = torch.matmul(hidden, stacks.b[route.uniform])
-        else:
-            hidden = torch.bmm(rows, stacks.a[route.slots])  # (rows, tokens, rank)
+            a, b = stacks.a[route.uniform], stacks.b[route.uniform]
+            hidden = torch.matmul(rows, a).reshape(-1, a.shape[-1])
+            if result.dtype != b.dtype:
+                return result + (hidden @ b).view(result.shape).to(result.dtype)
+            return torch.addmm(result.reshape(-1, self.d_out), hidden, b).view(result.shape)
+        hidden = torch.bmm(rows, stacks.a[route.slots])  # (rows, tokens, rank)
+        if result.dtype != stacks.b.dtype:
             delta = torch.bmm(hidden, stacks.b[route.slots])
-        return result + delta.view(result.shape).to(result.dtype)
+            return result + delta.view(result.shape).to(result.dtype)
+        # The add fused into the second matmul: one (rows x d_out) temporary fewer per layer.
+        flat = result.reshape(rows.shape[0], -1, self.d_out)
+        return torch.baddbmm(flat, hidden, stacks.b[route.slots]).view(result.shape)
 
     def _stacks_for(self, n_rows: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's A^T and scaling * B^T, zero for rows on the base; ranks padded."""
