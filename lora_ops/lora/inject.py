@@ -245,13 +245,17 @@ def unmerge_adapter(model: nn.Module, adapter: str) -> None:
 
 
 def delete_adapter(model: nn.Module, adapter: str) -> None:
-    """Drop ``adapter`` from every layer; layers left with no adapter become plain again."""
+    """Drop ``adapter`` from every layer; layers left with no adapter become plain again.
+
+    Except layers that hold adapter slots (:mod:`lora_ops.lora.slots`): running requests
+    may still decode through the copies in them.
+    """
     found = False
     for name, layer in list(lora_layers(model)):
         if adapter in layer.specs:
             found = True
             layer.delete_adapter(adapter)
-            if not layer.specs:
+            if not layer.specs and layer.slot_stacks is None:
                 _replace_module(model, name, layer.base_layer)
     if not found:
         raise InputError(f"no adapter named {adapter!r} on the model", field="adapter")

@@ -272,3 +272,23 @@ def test_a_cancelled_request_frees_its_place_at_the_next_step(engine: Engine) ->
     assert engine.running_count() == 0
     assert engine.stats.abandoned == 1
     assert engine.kv_cache_usage() == 0.0
+
+
+def test_a_running_row_keeps_its_adapter_when_the_cache_evicts_it(
+    tiny_base: Path, adapter_dirs: dict[str, Path], solo: Callable[..., GenerationResult]
+) -> None:
+    # One resident adapter: globex joining evicts acme, the only adapter on its layers,
+    # while acme's row still decodes from the copy in its slot.
+    engine = make_engine(tiny_base, adapter_dirs, max_adapters=1)
+    try:
+        first, second = prompts(engine)[:2]
+        gate = Gate()
+        running = engine.submit(first, "acme", LONG, on_text=gate)
+        gate.hold()
+        joining = engine.submit(second, "globex", SHORT)
+        gate.release()
+        assert joining.result(timeout=120).token_ids == solo(second, "globex", SHORT).token_ids
+        assert running.result(timeout=120).token_ids == solo(first, "acme", LONG).token_ids
+        assert "acme" not in engine.resident_adapters()
+    finally:
+        engine.close()
