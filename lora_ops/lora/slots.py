@@ -32,6 +32,13 @@ class AdapterSlots:
         # Which weights each slot holds: the adapter's name, or a version of it, so two
         # rows on two versions of one adapter never share the uniform path.
         self.weights_of: list[str | None] = [None] * num_slots
+        self._layers: list[LoRALinear] = []
+
+    def _walk(self) -> list[LoRALinear]:
+        # Walked again whenever a slot is filled: loading an adapter may have wrapped new
+        # layers, and every step's routing reuses the list instead of walking the model.
+        self._layers = self.layers()
+        return self._layers
 
     def layers(self) -> list[LoRALinear]:
         """The model's LoRA layers (walked afresh: an adapter may have wrapped new ones)."""
@@ -53,7 +60,7 @@ class AdapterSlots:
         self.adapter_of[slot] = adapter
         self.weights_of[slot] = None if adapter is None else (version or adapter)
         with torch.no_grad():
-            for layer in self.layers():
+            for layer in self._walk():
                 if adapter is not None and adapter in layer.specs:
                     self._write(layer, slot, adapter)
                 elif layer.slot_stacks is not None:
@@ -87,7 +94,7 @@ class AdapterSlots:
         self.adapter_of[target] = self.adapter_of[source]
         self.weights_of[target] = self.weights_of[source]
         with torch.no_grad():
-            for layer in self.layers():
+            for layer in self._layers:
                 if layer.slot_stacks is not None:
                     layer.slot_stacks.a[target] = layer.slot_stacks.a[source]
                     layer.slot_stacks.b[target] = layer.slot_stacks.b[source]
@@ -104,12 +111,12 @@ class AdapterSlots:
         else:
             index = torch.tensor(list(slots), dtype=torch.long)
         route = SlotRoute(index, uniform, adapters != {None})
-        for layer in self.layers():
+        for layer in self._layers:
             if isinstance(index, torch.Tensor) and layer.slot_stacks is not None:
                 index = index.to(layer.slot_stacks.a.device)
                 route = SlotRoute(index, uniform, route.any_adapter)
             layer.slot_route = route
 
     def clear_route(self) -> None:
-        for layer in self.layers():
+        for layer in self._layers:
             layer.slot_route = None

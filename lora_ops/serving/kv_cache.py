@@ -206,7 +206,12 @@ class ForwardCache:
         keys.index_copy_(0, self.write_slots, key_states.transpose(1, 2).reshape(flat))
         values.index_copy_(0, self.write_slots, value_states.transpose(1, 2).reshape(flat))
         # (rows, context, heads, dim) -> (rows, heads, context, dim), as attention wants.
-        return keys[self.read_slots].transpose(1, 2), values[self.read_slots].transpose(1, 2)
+        context = (rows, self.read_slots.shape[1], heads, dim)
+        read = self.read_slots.reshape(-1)
+        return (
+            keys.index_select(0, read).view(context).transpose(1, 2),
+            values.index_select(0, read).view(context).transpose(1, 2),
+        )
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.read_slots.shape[1])
