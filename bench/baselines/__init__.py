@@ -1,0 +1,1 @@
+"""Engines the benchmarks measure lora-ops against, kept as they were."""
