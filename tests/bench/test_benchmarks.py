@@ -141,3 +141,48 @@ def test_pipeline_splits_a_real_run_into_compute_and_the_rest(tiny_base: Path) -
     assert run["inside_s"] > 0
     assert run["total_s"] == pytest.approx(run["inside_s"] + run["overhead_s"], abs=0.05)
     assert {"train", "evaluate", "register"} <= set(run["tasks_s"])
+
+
+def test_head_of_line_times_the_short_request_on_both_engines(tiny_base: Path) -> None:
+    figures = run_bench(
+        "head_of_line.py", "--base", str(tiny_base), "--rounds", "1", "--long-tokens", "12"
+    )
+    assert set(figures["behind_long/alone"]) == {"continuous", "window"}
+    assert all(v > 0 for v in figures["short_latency_median_s"].values())
+
+
+def test_prefix_reuse_hits_only_for_the_same_adapter(tiny_base: Path) -> None:
+    figures = run_bench(
+        "prefix_reuse.py", "--base", str(tiny_base), "--requests", "2", "--system-tokens", "64"
+    )
+    assert figures["answers_equal"] is True
+    assert figures["other_adapter_hit_tokens"] == 0
+    assert 0 < figures["prefix_hit_rate"] < 1
+
+
+def test_decode_floor_reports_the_engine_over_the_hardware(tiny_base: Path) -> None:
+    figures = run_bench(
+        "decode_floor.py", "--base", str(tiny_base), "--rounds", "1", "--new-tokens", "4",
+        "--rows", "2",
+    )  # fmt: skip
+    assert figures["batch1_ms_per_token"]["engine"] > 0
+    assert figures["batch1_ms_per_token"]["weight_read_floor"] > 0
+    assert figures["batch1 engine/floor"] > 0
+
+
+def test_serve_workload_runs_every_contender_and_phase(tiny_base: Path) -> None:
+    figures = run_bench(
+        "serve_workload.py", "--base", str(tiny_base), "--clients", "2", "--requests", "4",
+        "--adapters", "7", "--rank", "2", "--open-requests", "2", "--load-fractions", "0.5",
+        "--batch", "4",
+    )  # fmt: skip
+    assert set(figures["saturated"]) == {"continuous", "window", "peft_static"}
+    (below,) = figures["below_saturation"].values()
+    assert {name: run["requests"] for name, run in below.items()} == {
+        "continuous": 2, "window": 2, "peft_static": 2,
+    }  # fmt: skip
+    assert figures["http"]["saturated"]["requests"] == 4
+    assert figures["http"]["saturated"]["failed"] == 0
+    (many,) = figures["many_adapters"]
+    assert many["resident_adapters"] == 7
+    assert set(figures["targets_met"]) == set(figures["targets"])

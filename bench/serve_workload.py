@@ -1,0 +1,293 @@
+"""Serving a mixed-length, many-customer workload: continuous batching against the peers.
+
+S-LoRA's workload scaled to this machine, one run, the same requests for every contender:
+chat prompts from the sample data (32-65 tokens), answers of 8-32 tokens (70%) or 128-256
+(30%) run to their length, adapters drawn by power-law popularity (weight 1/rank).
+
+Contenders (in process, the same driver for each, so the engines are what differs):
+
+- ``continuous``: lora-ops' engine (iteration-level scheduling, managed KV cache);
+- ``window``: the engine before it (``bench/baselines/window_engine.py``), which gathers
+  requests for 50 ms and decodes that batch to its end;
+- ``peft_static``: the library baseline, PEFT's ``generate(adapter_names=...)`` over
+  static batches (``bench/baselines/peft_static.py``).
+
+Phases:
+
+1. Saturation: ``--clients`` callers in a closed loop (each sends its next request when
+   the last one answered): requests and tokens per second.
+2. Below saturation: Poisson arrivals at each of ``--load-fractions`` of the window
+   engine's saturated rate, the same arrivals for every contender: TTFT and end-to-end
+   p50/p99, and the share of requests whose TTFT met ``--ttft-slo`` (SLO attainment).
+3. Over HTTP: the same saturation and first arrival rate against a real ``lora-ops serve``
+   replica (streaming chat completions), so the HTTP layer's cost is on record.
+4. Many adapters: the continuous engine's saturated throughput with each of
+   ``--adapters`` customers (every adapter resident in host memory; loading timed apart)
+   against the 5 of phase 1.
+
+Targets: continuous/window saturated throughput >= 2; window/continuous p99 TTFT >= 3 at
+the same load below saturation; throughput with 1000 adapters / with 5 >= 0.90.
+
+    python bench/serve_workload.py [--clients 16] [--requests 64] [--adapters 100,1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from baselines.peft_static import PeftStaticConfig, PeftStaticEngine
+from baselines.window_engine import WindowEngine, WindowEngineConfig
+from common import pick_device, ratio, report, write_random_adapters
+from http_load import closed_loop_http, lora_ops_replica, mixed_length_chats, open_loop_http
+from workload import (
+    Request,
+    Run,
+    Submits,
+    closed_loop,
+    describe,
+    mixed_lengths,
+    open_loop,
+    zipf_models,
+)
+
+from lora_ops import base_models
+from lora_ops.generation import encode_chat
+from lora_ops.lora import LoraSpec
+from lora_ops.serving.engine import AdapterSource, Engine, EngineConfig
+
+BASE = "smollm2-135m-instruct"
+FEW = 5
+TARGETS = {"saturated continuous/window": 2.0, "p99 ttft window/continuous": 3.0}
+MANY_TARGET = 0.90
+DISTINCT_WEIGHTS = 50  # random weight files; more adapters are copies under their own names
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def write_adapters(base: Path, root: Path, count: int, rank: int) -> list[Path]:
+    """``count`` adapter folders; beyond DISTINCT_WEIGHTS, copies (each loaded on its own)."""
+    spec = LoraSpec(r=rank, alpha=2 * rank, target_modules=TARGET_MODULES)
+    distinct = [root / f"weights-{i:03d}" for i in range(min(count, DISTINCT_WEIGHTS))]
+    write_random_adapters(base, distinct, spec)
+    folders = []
+    for index in range(count):
+        folder = root / f"customer-{index:04d}"
+        shutil.copytree(distinct[index % len(distinct)], folder)
+        folders.append(folder)
+    return folders
+
+
+def load_all(engine: Engine | WindowEngine, folders: Sequence[Path]) -> float:
+    """Register every adapter and make it resident; the seconds that took."""
+    started = time.perf_counter()
+    for folder in folders:
+        engine.load_adapter(folder.name, AdapterSource(str(folder)))
+    with engine._lock:
+        failed = engine.cache.ensure_resident([f.name for f in folders])
+    if failed:
+        raise SystemExit(f"adapters failed to load: {failed}")
+    return time.perf_counter() - started
+
+
+def continuous(base: Path, args: argparse.Namespace, adapters: int) -> Engine:
+    config = EngineConfig(
+        base,
+        max_adapters=max(adapters, FEW),
+        max_adapter_bytes=args.adapter_budget_mb * 1024**2,
+        max_batch_size=args.batch,
+        max_queue=4 * args.requests,
+        max_requests_per_model=4 * args.requests,
+    )
+    return Engine(config)
+
+
+def in_process(
+    base: Path, folders: list[Path], args: argparse.Namespace, requests: list[Request]
+) -> tuple[dict[str, Run], dict[str, dict[float, Run]]]:
+    """Phases 1 and 2: every contender saturated, then at each arrival rate."""
+    few = {f.name: f for f in folders[:FEW]}
+    engine = continuous(base, args, FEW)
+    window = WindowEngine(
+        WindowEngineConfig(
+            base,
+            max_adapters=FEW,
+            max_batch_size=args.batch,
+            batch_window_s=0.05,
+            max_queue=4 * args.requests,
+        )
+    )
+    load_all(engine, list(few.values()))
+    load_all(window, list(few.values()))
+    peft = PeftStaticEngine(PeftStaticConfig(base, few, max_batch_size=args.batch))
+    contenders: dict[str, Submits] = {"continuous": engine, "window": window, "peft_static": peft}
+    for contender in contenders.values():  # warm-up
+        closed_loop(contender, requests[: args.clients], args.clients)
+    saturated = {
+        name: closed_loop(contenders[name], requests, args.clients)
+        for name in ("window", "peft_static", "continuous")
+    }
+    window_rate = saturated["window"].figures()["requests_per_second"]
+    below: dict[str, dict[float, Run]] = {name: {} for name in contenders}
+    for fraction in args.load_fractions:
+        for name in ("continuous", "window", "peft_static"):
+            below[name][fraction] = open_loop(
+                contenders[name],
+                requests[: args.open_requests],
+                fraction * window_rate,
+                args.seed,
+            )
+    for contender in (engine, window, peft):
+        contender.close()
+    return saturated, below
+
+
+def over_http(
+    base: Path, folders: list[Path], args: argparse.Namespace, models: list[str], rate: float
+) -> tuple[Run, Run]:
+    """Phase 3: a real replica, saturated and at ``rate``, streaming chat completions."""
+    chats = mixed_length_chats(models, args.seed)
+    serve_args = ["--max-batch-size", str(args.batch), "--max-queue", str(4 * args.requests)]
+    adapters = {f.name: f for f in folders[:FEW]}
+    with lora_ops_replica(base, adapters, serve_args=serve_args) as replica:
+        closed_loop_http(replica.url, chats[: args.clients], args.clients)  # warm-up
+        saturated = closed_loop_http(replica.url, chats, args.clients)
+        below = open_loop_http(replica.url, chats[: args.open_requests], rate, args.seed)
+    return saturated, below
+
+
+def many_adapters(
+    base: Path, folders: list[Path], args: argparse.Namespace, count: int
+) -> dict[str, Any]:
+    """Phase 4: saturated throughput with ``count`` customers, all resident."""
+    engine = continuous(base, args, count)
+    load_seconds = load_all(engine, folders[:count])
+    names = [f.name for f in folders[:count]]
+    requests = mixed_lengths(
+        engine.encode_chat, zipf_models(names, args.requests, random.Random(args.seed)), args.seed
+    )
+    closed_loop(engine, requests[: args.clients], args.clients)  # warm-up
+    run = closed_loop(engine, requests, args.clients)
+    figures: dict[str, Any] = {
+        **run.figures(),
+        "adapters": count,
+        "distinct_models": describe(requests)["distinct_models"],
+        "load_all_seconds": round(load_seconds, 1),
+        "resident_mb": round(sum(engine.cache.resident.values()) / 1024**2, 1),
+        "resident_adapters": len(engine.cache.resident),
+        "cache_misses": engine.stats.cache_misses,
+        "evictions": engine.stats.evictions,
+    }
+    engine.close()
+    return figures
+
+
+def parse_args() -> argparse.Namespace:
+    numbers: Callable[[str], list[float]] = lambda text: [float(x) for x in text.split(",")]  # noqa: E731
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16, help="max_batch_size of every engine")
+    parser.add_argument(
+        "--adapters", type=lambda t: [int(x) for x in t.split(",")], default=[100, 1000]
+    )
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--adapter-budget-mb", type=int, default=12288)
+    parser.add_argument("--load-fractions", type=numbers, default=[0.3, 0.6])
+    parser.add_argument("--open-requests", type=int, default=32, help="sent below saturation")
+    parser.add_argument("--ttft-slo", type=float, default=2.0, help="seconds, for SLO attainment")
+    parser.add_argument("--no-http", action="store_true", help="skip phase 3")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--base", default=BASE, help="catalogue name or transformers folder")
+    parser.add_argument("--no-write", action="store_true", help="leave RESULTS.md alone")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    base = base_models.resolve_base(args.base)
+    slo = args.ttft_slo
+    figures: dict[str, Any] = {"device": str(device), "clients": args.clients, "rank": args.rank}
+
+    with tempfile.TemporaryDirectory(prefix="bench-workload-") as tmp:
+        folders = write_adapters(base, Path(tmp), max([FEW, *args.adapters]), args.rank)
+        models = zipf_models(
+            [f.name for f in folders[:FEW]], args.requests, random.Random(args.seed)
+        )
+        tokenizer = base_models.load_tokenizer(base)
+        requests = mixed_lengths(partial(encode_chat, tokenizer), models, args.seed)
+        figures["workload"] = describe(requests)
+        saturated, below = in_process(base, folders, args, requests)
+        window_rate = saturated["window"].figures()["requests_per_second"]
+        rates = {fraction: fraction * window_rate for fraction in args.load_fractions}
+        http: dict[str, Run] = {}
+        if not args.no_http:
+            first = args.load_fractions[0]
+            http["saturated"], http[f"at {first}"] = over_http(
+                base, folders, args, models, rates[first]
+            )
+        many = [many_adapters(base, folders, args, count) for count in args.adapters]
+
+    sat = {name: run.figures() for name, run in saturated.items()}
+    low = {
+        f"at {fraction} ({rates[fraction]:.3f} req/s)": {
+            name: runs[fraction].figures(slo) for name, runs in below.items()
+        }
+        for fraction in args.load_fractions
+    }
+    ratios: dict[str, float] = {
+        "saturated continuous/window": ratio(
+            sat["continuous"]["tokens_per_second"], sat["window"]["tokens_per_second"]
+        ),
+        "saturated continuous/peft_static": ratio(
+            sat["continuous"]["tokens_per_second"], sat["peft_static"]["tokens_per_second"]
+        ),
+    }
+    for fraction in args.load_fractions:
+        at = {name: runs[fraction].figures(slo) for name, runs in below.items()}
+        for peer in ("window", "peft_static"):
+            for what in ("ttft_p99_s", "e2e_p99_s"):
+                key = f"{what.split('_')[0]} p99 {peer}/continuous at {fraction}"
+                ratios[key] = ratio(at[peer][what], at["continuous"][what])
+    ratios["p99 ttft window/continuous"] = min(
+        v for k, v in ratios.items() if k.startswith("ttft p99 window/continuous")
+    )
+    for item in many:
+        ratios[f"{item['adapters']} adapters/{FEW}"] = ratio(
+            item["tokens_per_second"], sat["continuous"]["tokens_per_second"]
+        )
+    targets = {**TARGETS, **{f"{n} adapters/{FEW}": MANY_TARGET for n in args.adapters}}
+    figures.update(
+        saturated=sat,
+        below_saturation=low,
+        http={name: run.figures(slo) for name, run in http.items()},
+        many_adapters=many,
+        ratios=ratios,
+        targets=targets,
+        targets_met={name: ratios[name] >= target for name, target in targets.items()},
+    )
+    if http:
+        ratios["saturated http/in-process"] = ratio(
+            figures["http"]["saturated"]["tokens_per_second"],
+            sat["continuous"]["tokens_per_second"],
+        )
+    summary = (
+        ", ".join(f"{k} {v}" for k, v in ratios.items())
+        + "; tok/s "
+        + ", ".join(f"{name} {fig['tokens_per_second']}" for name, fig in sat.items())
+    )
+    report("serve_workload", figures, device, summary, write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()
