@@ -114,9 +114,6 @@ class Engine:
             )
         self.config = config
         self.base = str(config.base)
-        self.tokenizer = base_models.load_tokenizer(config.base)
-        self.model = base_models.load_model(config.base)
-        self.max_model_len = _context_length(self.model, config.max_model_len)
         self.max_adapters = config.max_adapters
         self.max_batch_size = config.max_batch_size
         self.max_queue = config.max_queue
@@ -125,6 +122,31 @@ class Engine:
         self._wake = threading.Condition()  # the scheduler's queues, and new work
         self._tmp = tempfile.TemporaryDirectory(prefix="lora-ops-adapters-")
         self.work_dir = Path(config.work_dir) if config.work_dir else Path(self._tmp.name)
+        self.scheduler = Scheduler(config.max_queue, config.max_requests_per_model)
+        self._closed = False
+        self._request_s = 1.0  # running mean of a request's time, for Retry-After
+        # The step thread loads the model and runs every forward: on CPU, a second thread
+        # doing torch's parallel work (this one, had it loaded the model) keeps its own
+        # OpenMP pool, and two pools on as many cores as one pool's threads stop spinning
+        # between operations: each of a step's ~200 small matmuls then waits to wake its
+        # helpers (1.5x to 1.7x slower steps on 2 cores, see bench/RESULTS.md).
+        loaded: Future[None] = Future()
+        self._worker = threading.Thread(
+            target=self._serve, args=(loaded,), name="engine-steps", daemon=True
+        )
+        self._worker.start()
+        try:
+            loaded.result()
+        except BaseException:
+            self._worker.join()
+            self._tmp.cleanup()
+            raise
+
+    def _load(self, config: EngineConfig) -> None:
+        """The model, its adapters' cache and its KV cache (on the step thread)."""
+        self.tokenizer = base_models.load_tokenizer(config.base)
+        self.model = base_models.load_model(config.base)
+        self.max_model_len = _context_length(self.model, config.max_model_len)
         policy = SourcePolicy(config.adapter_roots, config.bucket or get_settings().bucket)
         self.cache = AdapterCache(
             self.model,
@@ -134,14 +156,9 @@ class Engine:
             self.max_adapters,
             config.max_adapter_bytes,
         )
-        self.scheduler = Scheduler(config.max_queue, config.max_requests_per_model)
         self.kv_capacity, self.planner = self._kv_cache(config)
         self._device = next(self.model.parameters()).device
         self._eos = end_ids(self.model, self.tokenizer)
-        self._closed = False
-        self._request_s = 1.0  # running mean of a request's time, for Retry-After
-        self._worker = threading.Thread(target=self._serve, name="engine-steps", daemon=True)
-        self._worker.start()
 
     def _kv_cache(self, config: EngineConfig) -> tuple[int, StepPlanner]:
         tokens = config.kv_cache_tokens or max(self.max_model_len, 1024 * config.max_batch_size)
@@ -277,7 +294,13 @@ class Engine:
 
     # -- the step loop --------------------------------------------------------------------
 
-    def _serve(self) -> None:
+    def _serve(self, loaded: Future[None]) -> None:
+        try:
+            self._load(self.config)
+        except BaseException as error:
+            loaded.set_exception(error)
+            return
+        loaded.set_result(None)
         while True:
             with self._wake:
                 while not self._closed and not self._has_work():
