@@ -16,11 +16,12 @@ import resource
 import shlex
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -28,6 +29,7 @@ from lora_ops import base_models
 from lora_ops.lora import LoraSpec, apply_lora, lora_layers, save_adapter
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+T = TypeVar("T")
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -174,12 +176,44 @@ def ratio(numerator: float, denominator: float) -> float:
     return round(numerator / denominator, 3) if denominator else float("nan")
 
 
+def on_own_thread(work: Callable[[], T]) -> T:
+    """``work()`` run on a thread of its own that ends with it.
+
+    On CPU, torch's parallel operations keep an OpenMP pool per thread that ran them, for
+    as long as that thread lives; two live pools on a machine with as many cores as one
+    pool's threads make every operation of both slower (their helpers stop spin-waiting).
+    An engine computes on its own step thread, so one-off work (writing adapters, loading
+    a peer's model) runs here and its pool goes away with the thread, and a peer that runs
+    on the main thread runs once no engine is alive.
+    """
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(work())
+        except BaseException as error:  # re-raised on the caller's thread
+            failure.append(error)
+
+    thread = threading.Thread(target=run, name="bench-one-off")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
 def write_random_adapters(base: Path, folders: Sequence[Path], spec: LoraSpec) -> int:
     """A different random adapter (seeded by its index) in each folder, PEFT's format.
 
     B is non-zero, so each one changes the output. One model carries the adapter; its A
     and B get new values before each save. Returns the bytes of one adapter's weights.
+    Runs on a thread of its own (:func:`on_own_thread`).
     """
+    return on_own_thread(lambda: _write_random_adapters(base, folders, spec))
+
+
+def _write_random_adapters(base: Path, folders: Sequence[Path], spec: LoraSpec) -> int:
     model = base_models.load_model(base, "cpu")
     apply_lora(model, spec, adapter="bench")
     weights = [

@@ -1,6 +1,7 @@
 """Head of line: a short request that arrives while two long ones decode.
 
-For each engine, alternated round by round: the short request (``--short-tokens``) alone
+For each engine in turn (one alive at a time: each computes on its own thread, see
+bench/common.py), alternated round by round: the short request (``--short-tokens``) alone
 on an idle engine, then two long requests (``--long-tokens`` each, different adapters)
 and, once both are decoding (their first text piece came), the same short request. The
 figure is the short request's latency behind the long ones over its latency alone.
@@ -70,6 +71,21 @@ def short_behind_long(engine: Submits, short: Request, longs: list[Request]) -> 
     return run
 
 
+def alternate_runs(
+    contenders: dict[str, Callable[[], float]], rounds: int
+) -> dict[str, list[float]]:
+    """Each contender's own figure per round, after a warm-up, the order rotating."""
+    for run in contenders.values():
+        run()
+    names = list(contenders)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(contenders[name]())
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -86,36 +102,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-hol-") as tmp:
         folders = [Path(tmp) / name for name in ADAPTERS]
         write_random_adapters(base, folders, LoraSpec(r=16, alpha=32))
-        engines: dict[str, Submits] = {
-            "continuous": Engine(EngineConfig(base)),
-            "window": WindowEngine(WindowEngineConfig(base, batch_window_s=0.05)),
+        builders: dict[str, Callable[[], Submits]] = {
+            "continuous": lambda: Engine(EngineConfig(base)),
+            "window": lambda: WindowEngine(WindowEngineConfig(base, batch_window_s=0.05)),
         }
-        for engine in engines.values():
-            for name, folder in zip(ADAPTERS, folders, strict=True):
-                engine.load_adapter(name, AdapterSource(str(folder)))  # type: ignore[attr-defined]
-        conversations = sample_messages()
-        encode = engines["continuous"].encode_chat  # type: ignore[attr-defined]
-        longs = [Request(encode(conversations[i]), ADAPTERS[i], args.long_tokens) for i in (0, 1)]
-        short = Request(encode(conversations[2]), ADAPTERS[2], args.short_tokens)
-        contenders: dict[str, Callable[[], float]] = {}
-        for name, engine in engines.items():
-            contenders[f"{name}_alone"] = short_alone(engine, short)
-            contenders[f"{name}_behind_long"] = short_behind_long(engine, short, longs)
-        for run in contenders.values():  # warm-up
-            run()
-        # The short request's own latency, not the call's (which waits for the long ones).
-        names = list(contenders)
-        times: dict[str, list[float]] = {name: [] for name in names}
-        for round_ in range(args.rounds):
-            shift = round_ % len(names)
-            for name in names[shift:] + names[:shift]:
-                times[name].append(contenders[name]())
-        for engine in engines.values():
+        times: dict[str, list[float]] = {}
+        # One engine alive at a time: each computes on its own thread (bench/common.py).
+        for name, build in builders.items():
+            engine = build()
+            for adapter, folder in zip(ADAPTERS, folders, strict=True):
+                engine.load_adapter(adapter, AdapterSource(str(folder)))  # type: ignore[attr-defined]
+            conversations = sample_messages()
+            encode = engine.encode_chat  # type: ignore[attr-defined]
+            longs = [
+                Request(encode(conversations[i]), ADAPTERS[i], args.long_tokens) for i in (0, 1)
+            ]
+            short = Request(encode(conversations[2]), ADAPTERS[2], args.short_tokens)
+            contenders = {
+                f"{name}_alone": short_alone(engine, short),
+                f"{name}_behind_long": short_behind_long(engine, short, longs),
+            }
+            times.update(alternate_runs(contenders, args.rounds))
             engine.close()  # type: ignore[attr-defined]
 
     seconds = {name: median(values) for name, values in times.items()}
     ratios = {
-        name: ratio(seconds[f"{name}_behind_long"], seconds[f"{name}_alone"]) for name in engines
+        name: ratio(seconds[f"{name}_behind_long"], seconds[f"{name}_alone"]) for name in builders
     }
     figures = {
         "device": str(device),

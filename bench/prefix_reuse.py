@@ -1,11 +1,13 @@
 """Prefix reuse: one customer's requests that share a long system prompt.
 
-Two engines on the same base and adapter (k and v projections adapted, so the KV is the
-adapter's): ``cached`` reuses the KV blocks of a prefix it has computed before for the
-same adapter, ``uncached`` (``prefix_caching=False``) computes every prompt whole. The
+One engine and adapter (k and v projections adapted, so the KV is the adapter's), each
+request run twice, the order alternating: ``cached`` reuses the KV blocks of a prefix the
+engine has computed before for the same adapter, ``uncached`` (prefix caching switched
+off for that request) computes the prompt whole. One engine, not two: each computes on
+its own thread, and two alive at once slow each other on CPU (bench/common.py). The
 requests, one at a time and alternated between the two: a ~``--system-tokens`` system
 prompt, then a different short question each (``--new-tokens`` greedy tokens). The first
-request of each engine warms it and is left out. Both must answer alike; a second adapter
+request warms the engine and is left out. Both must answer alike; a second adapter
 with the same system prompt must find nothing cached (the key is adapter + tokens).
 
 Target: uncached/cached time to first token >= 1.5.
@@ -66,14 +68,9 @@ def main() -> None:
         write_random_adapters(
             base, folders, LoraSpec(r=16, alpha=32, target_modules=TARGET_MODULES)
         )
-        engines = {
-            "cached": Engine(EngineConfig(base, prefix_caching=True)),
-            "uncached": Engine(EngineConfig(base, prefix_caching=False)),
-        }
-        for engine in engines.values():
-            for folder in folders:
-                engine.load_adapter(folder.name, AdapterSource(str(folder)))
-        cached = engines["cached"]
+        cached = Engine(EngineConfig(base, prefix_caching=True))
+        for folder in folders:
+            cached.load_adapter(folder.name, AdapterSource(str(folder)))
         system = system_prompt(cached, args.system_tokens)
         requests = [
             Request(
@@ -85,23 +82,29 @@ def main() -> None:
             )
             for q in questions(args.requests + 1)
         ]
-        ttft: dict[str, list[float]] = {name: [] for name in engines}
-        answers: dict[str, list[list[int]]] = {name: [] for name in engines}
+        modes = ("cached", "uncached")
+        ttft: dict[str, list[float]] = {name: [] for name in modes}
+        answers: dict[str, list[list[int]]] = {name: [] for name in modes}
+        prompt_tokens = reused_tokens = 0  # of the cached requests
         for index, request in enumerate(requests):
-            order = list(engines) if index % 2 == 0 else list(reversed(engines))
-            for name in order:
+            for mode in modes if index % 2 == 0 else tuple(reversed(modes)):
+                cached.planner.prefix_caching = mode == "cached"
                 timing = Timing(0.0)
-                result = submit_timed(engines[name], request, timing).result()
-                answers[name].append(result.token_ids)
+                queried, hit = cached.stats.prefix_queries, cached.stats.prefix_hits
+                result = submit_timed(cached, request, timing).result()
+                if mode == "cached":
+                    prompt_tokens += cached.stats.prefix_queries - queried
+                    reused_tokens += cached.stats.prefix_hits - hit
+                answers[mode].append(result.token_ids)
                 if index > 0:  # the first request computes the prefix
-                    ttft[name].append(timing.ttft)
+                    ttft[mode].append(timing.ttft)
+        cached.planner.prefix_caching = True
         hits_before = cached.stats.prefix_hits
         other = Request(requests[1].prompt_ids, "globex", args.new_tokens)
         submit_timed(cached, other, Timing(0.0)).result()
         other_adapter_hits = cached.stats.prefix_hits - hits_before
-        hit_rate = cached.stats.prefix_hits / max(1, cached.stats.prefix_queries)
-        for engine in engines.values():
-            engine.close()
+        hit_rate = reused_tokens / max(1, prompt_tokens)
+        cached.close()
 
     if answers["cached"] != answers["uncached"]:
         raise SystemExit("reusing the prefix changed an answer")

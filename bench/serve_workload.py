@@ -4,7 +4,9 @@ S-LoRA's workload scaled to this machine, one run, the same requests for every c
 chat prompts from the sample data (32-65 tokens), answers of 8-32 tokens (70%) or 128-256
 (30%) run to their length, adapters drawn by power-law popularity (weight 1/rank).
 
-Contenders (in process, the same driver for each, so the engines are what differs):
+Contenders (in process, the same driver for each, so the engines are what differs; one
+alive at a time, since each computes on its own thread and two alive at once slow each
+other on CPU, see bench/common.py):
 
 - ``continuous``: lora-ops' engine (iteration-level scheduling, managed KV cache);
 - ``window``: the engine before it (``bench/baselines/window_engine.py``), which gathers
@@ -51,7 +53,6 @@ from http_load import closed_loop_http, lora_ops_replica, mixed_length_chats, op
 from workload import (
     Request,
     Run,
-    Submits,
     closed_loop,
     describe,
     mixed_lengths,
@@ -112,39 +113,52 @@ def continuous(base: Path, args: argparse.Namespace, adapters: int) -> Engine:
 def in_process(
     base: Path, folders: list[Path], args: argparse.Namespace, requests: list[Request]
 ) -> tuple[dict[str, Run], dict[str, dict[float, Run]]]:
-    """Phases 1 and 2: every contender saturated, then at each arrival rate."""
+    """Phases 1 and 2: each contender saturated, then at each arrival rate.
+
+    One contender alive at a time (each computes on its own thread; two alive at once
+    slow each other on CPU, see bench/common.py); the window engine first, since the
+    arrival rates are fractions of its saturated rate.
+    """
     few = {f.name: f for f in folders[:FEW]}
-    engine = continuous(base, args, FEW)
-    window = WindowEngine(
-        WindowEngineConfig(
+
+    def window() -> WindowEngine:
+        config = WindowEngineConfig(
             base,
             max_adapters=FEW,
             max_batch_size=args.batch,
             batch_window_s=0.05,
             max_queue=4 * args.requests,
         )
-    )
-    load_all(engine, list(few.values()))
-    load_all(window, list(few.values()))
-    peft = PeftStaticEngine(PeftStaticConfig(base, few, max_batch_size=args.batch))
-    contenders: dict[str, Submits] = {"continuous": engine, "window": window, "peft_static": peft}
-    for contender in contenders.values():  # warm-up
-        closed_loop(contender, requests[: args.clients], args.clients)
-    saturated = {
-        name: closed_loop(contenders[name], requests, args.clients)
-        for name in ("window", "peft_static", "continuous")
+        engine = WindowEngine(config)
+        load_all(engine, list(few.values()))
+        return engine
+
+    def engine() -> Engine:
+        built = continuous(base, args, FEW)
+        load_all(built, list(few.values()))
+        return built
+
+    def peft() -> PeftStaticEngine:
+        return PeftStaticEngine(PeftStaticConfig(base, few, max_batch_size=args.batch))
+
+    builders: dict[str, Callable[[], Any]] = {
+        "window": window,
+        "peft_static": peft,
+        "continuous": engine,
     }
-    window_rate = saturated["window"].figures()["requests_per_second"]
-    below: dict[str, dict[float, Run]] = {name: {} for name in contenders}
-    for fraction in args.load_fractions:
-        for name in ("continuous", "window", "peft_static"):
-            below[name][fraction] = open_loop(
-                contenders[name],
-                requests[: args.open_requests],
-                fraction * window_rate,
-                args.seed,
+    saturated: dict[str, Run] = {}
+    below: dict[str, dict[float, Run]] = {}
+    for name, build in builders.items():
+        contender = build()
+        closed_loop(contender, requests[: args.clients], args.clients)  # warm-up
+        saturated[name] = closed_loop(contender, requests, args.clients)
+        window_rate = saturated["window"].figures()["requests_per_second"]
+        below[name] = {
+            fraction: open_loop(
+                contender, requests[: args.open_requests], fraction * window_rate, args.seed
             )
-    for contender in (engine, window, peft):
+            for fraction in args.load_fractions
+        }
         contender.close()
     return saturated, below
 

@@ -197,16 +197,24 @@ class PeftStaticEngine:
             raise InputError(f"{sorted(reserved)} name the base model", field="adapters")
         self.config = config
         self.device = torch.device(config.device) if config.device else base_models.default_device()
+        self.batch_sizes: Counter[int] = Counter()  # size -> static batches of that size
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._closed = False
+        # Loaded on the batching thread, as the engines load theirs: on CPU a second thread
+        # doing torch's parallel work would slow both (bench/common.on_own_thread).
+        loaded: Future[None] = Future()
+        self._worker = threading.Thread(
+            target=self._serve, args=(loaded,), name="peft-static", daemon=True
+        )
+        self._worker.start()
+        loaded.result()
+
+    def _load(self, config: PeftStaticConfig) -> None:
         self.tokenizer = base_models.load_tokenizer(config.base)
         base = base_models.load_model(config.base, self.device)
         self.eos = {int(token) for token in end_ids(base, self.tokenizer) if token is not None}
         self.max_model_len = int(getattr(base.config, "max_position_embeddings", 0) or 2048)
         self.model = _wrap_with_adapters(base, config.adapters)
-        self.batch_sizes: Counter[int] = Counter()  # size -> static batches of that size
-        self._queue: queue.Queue[_Pending | None] = queue.Queue()
-        self._closed = False
-        self._worker = threading.Thread(target=self._serve, name="peft-static", daemon=True)
-        self._worker.start()
 
     def models(self) -> list[str]:
         return [BASE_MODEL_NAME, *sorted(self.config.adapters)]
@@ -261,7 +269,13 @@ class PeftStaticEngine:
         self._queue.put(None)
         self._worker.join(timeout=60)
 
-    def _serve(self) -> None:
+    def _serve(self, loaded: Future[None]) -> None:
+        try:
+            self._load(self.config)
+        except BaseException as error:
+            loaded.set_exception(error)
+            return
+        loaded.set_result(None)
         stopping = False
         while not stopping:
             batch, stopping = self._gather()

@@ -4,7 +4,9 @@ Frozen from ``lora_ops/serving/engine.py`` as it stood (commit a782926) and rena
 gathers requests for ``batch_window_s``, then decodes that batch to its end (the KV cache
 of ``generate_batch`` growing step by step) before it looks at the queue again. The
 benchmarks run it beside today's engine on the same model, adapters and workload. It is
-not part of the product; only its names changed.
+not part of the product; only its names changed, and it loads its model on its batcher
+thread, as today's engine does, so neither pays for a second OpenMP pool on CPU
+(``bench/common.on_own_thread``) and the comparison is of the scheduling alone.
 """
 
 from __future__ import annotations
@@ -110,9 +112,6 @@ class WindowEngine:
             raise InputError("max_adapters, max_batch_size and max_queue must be >= 1")
         self.config = config
         self.base = str(config.base)
-        self.tokenizer = base_models.load_tokenizer(config.base)
-        self.model = base_models.load_model(config.base)
-        self.max_model_len = _context_length(self.model, config.max_model_len)
         self.max_adapters = config.max_adapters
         self.max_batch_size = config.max_batch_size
         self.batch_window_s = config.batch_window_s
@@ -121,6 +120,20 @@ class WindowEngine:
         self._lock = threading.RLock()  # the model: decoding, loading, evicting
         self._tmp = tempfile.TemporaryDirectory(prefix="lora-ops-adapters-")
         self.work_dir = Path(config.work_dir) if config.work_dir else Path(self._tmp.name)
+        self._queue: queue.Queue[_Pending | None] = queue.Queue(maxsize=self.max_queue)
+        self._closed = False
+        self._batch_s = 0.1  # running mean of one batch's time, for Retry-After
+        loaded: Future[None] = Future()
+        self._worker = threading.Thread(
+            target=self._serve, args=(loaded,), name="engine-batcher", daemon=True
+        )
+        self._worker.start()
+        loaded.result()
+
+    def _load(self, config: WindowEngineConfig) -> None:
+        self.tokenizer = base_models.load_tokenizer(config.base)
+        self.model = base_models.load_model(config.base)
+        self.max_model_len = _context_length(self.model, config.max_model_len)
         policy = SourcePolicy(config.adapter_roots, config.bucket or get_settings().bucket)
         self.cache = AdapterCache(
             self.model,
@@ -130,11 +143,6 @@ class WindowEngine:
             self.max_adapters,
             config.max_adapter_bytes,
         )
-        self._queue: queue.Queue[_Pending | None] = queue.Queue(maxsize=self.max_queue)
-        self._closed = False
-        self._batch_s = 0.1  # running mean of one batch's time, for Retry-After
-        self._worker = threading.Thread(target=self._serve, name="engine-batcher", daemon=True)
-        self._worker.start()
 
     # -- adapters -------------------------------------------------------------------------
 
@@ -233,7 +241,13 @@ class WindowEngine:
         self._worker.join(timeout=30)
         self._tmp.cleanup()
 
-    def _serve(self) -> None:
+    def _serve(self, loaded: Future[None]) -> None:
+        try:
+            self._load(self.config)
+        except BaseException as error:
+            loaded.set_exception(error)
+            return
+        loaded.set_result(None)
         stopping = False
         while not stopping:
             batch, stopping = self._gather()

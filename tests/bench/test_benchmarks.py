@@ -70,8 +70,12 @@ def test_serve_mixed_gives_every_contender_equal_work(tiny_base: Path) -> None:
         "4",
         "--rank",
         "4",
+        "--http-tokens",
+        "4",
     )
-    assert set(figures["tokens_per_second"]) == {"mixed", "base", "peft_mixed", "one_at_a_time"}
+    assert set(figures["tokens_per_second"]) == {
+        "mixed", "base", "peft_mixed", "one_at_a_time", "http_mixed", "http_base",
+    }  # fmt: skip
     assert all(v > 0 for v in figures["tokens_per_second"].values())
     assert set(figures["targets_met"]) == set(figures["targets"])
 
