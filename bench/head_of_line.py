@@ -12,7 +12,7 @@ figure is the short request's latency behind the long ones over its latency alon
 
 Target: continuous behind/alone <= 3.
 
-    python bench/head_of_line.py [--rounds 3] [--long-tokens 256] [--short-tokens 4]
+    python bench/head_of_line.py [--rounds 3] [--long-tokens 512] [--short-tokens 4]
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def alternate_runs(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--long-tokens", type=int, default=256)
+    parser.add_argument("--long-tokens", type=int, default=512)
     parser.add_argument("--short-tokens", type=int, default=4)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--base", default=BASE, help="catalogue name or transformers folder")

@@ -281,9 +281,11 @@ def closed_loop_http(
             async def caller() -> None:
                 while pending:  # one event loop: popping needs no lock
                     index, request = pending.popleft()
+                    if not pending:
+                        run.saturated_until = time.perf_counter()
                     await _timed(client, base_url, index, request, include_usage, run, answered)
 
-            started = time.perf_counter()
+            started = run.started = time.perf_counter()
             await asyncio.gather(*(caller() for _ in range(clients)))
         return _finish(run, answered, started)
 

@@ -68,16 +68,39 @@ class Run:
 
     timings: list[Timing] = field(default_factory=list)
     seconds: float = 0.0
+    started: float = 0.0  # perf_counter when the run began
+    # A closed loop's last request was sent then: until that moment every client had a
+    # request in flight (the run was saturated); after it, the engine drains.
+    saturated_until: float | None = None
+
+    def steady_tokens_per_second(self) -> float:
+        """Tokens per second while saturated: each request's tokens spread evenly from its
+        first to its last, counted up to ``saturated_until`` (the drain left out)."""
+        assert self.saturated_until is not None
+        until = self.saturated_until
+        tokens = 0.0
+        for timing in self.timings:
+            assert timing.first is not None
+            assert timing.done is not None
+            if timing.done <= until:
+                tokens += timing.tokens
+            elif timing.first < until:
+                share = (until - timing.first) / (timing.done - timing.first)
+                tokens += timing.tokens * share
+        return tokens / (until - self.started)
 
     def figures(self, ttft_slo_s: float | None = None) -> dict[str, float]:
         """Throughput and latency percentiles; with ``ttft_slo_s``, the share that met it."""
         tokens = sum(t.tokens for t in self.timings)
         ttft = [t.ttft for t in self.timings]
         e2e = [t.e2e for t in self.timings]
-        attained = {}
+        attained: dict[str, float] = {}
         if ttft_slo_s is not None:
             met = sum(1 for value in ttft if value <= ttft_slo_s)
             attained = {"ttft_slo_s": ttft_slo_s, "slo_attainment": round(met / len(ttft), 3)}
+        if self.saturated_until is not None:
+            attained["saturated_seconds"] = round(self.saturated_until - self.started, 2)
+            attained["steady_tokens_per_second"] = round(self.steady_tokens_per_second(), 1)
         return {
             "requests": len(self.timings),
             "seconds": round(self.seconds, 2),
@@ -125,11 +148,13 @@ def closed_loop(engine: Submits, requests: Sequence[Request], clients: int) -> R
                 if not pending:
                     return
                 request = pending.pop()
+                if not pending:
+                    run.saturated_until = time.perf_counter()
                 timing = Timing(0.0)
                 run.timings.append(timing)
             submit_timed(engine, request, timing).result()
 
-    started = time.perf_counter()
+    started = run.started = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for thread in threads:
         thread.start()

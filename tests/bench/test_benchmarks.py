@@ -181,6 +181,9 @@ def test_serve_workload_runs_every_contender_and_phase(tiny_base: Path) -> None:
         "--batch", "4",
     )  # fmt: skip
     assert set(figures["saturated"]) == {"continuous", "window", "peft_static"}
+    for run in figures["saturated"].values():
+        assert 0 < run["saturated_seconds"] <= run["seconds"]
+        assert run["steady_tokens_per_second"] > 0
     (below,) = figures["below_saturation"].values()
     assert {name: run["requests"] for name, run in below.items()} == {
         "continuous": 2, "window": 2, "peft_static": 2,
