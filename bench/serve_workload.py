@@ -181,21 +181,24 @@ def over_http(
 
 
 def many_adapters(
-    base: Path, folders: list[Path], args: argparse.Namespace, count: int
-) -> dict[str, Any]:
-    """Phase 4: saturated throughput with ``count`` customers, all resident."""
-    engine = continuous(base, args, count)
-    load_seconds = load_all(engine, folders[:count])
-    names = [f.name for f in folders[:count]]
-    requests = mixed_lengths(
-        engine.encode_chat, zipf_models(names, args.requests, random.Random(args.seed)), args.seed
-    )
-    closed_loop(engine, requests[: args.clients], args.clients)  # warm-up
-    run = closed_loop(engine, requests, args.clients)
-    figures: dict[str, Any] = {
-        **run.figures(),
-        "adapters": count,
-        "distinct_models": describe(requests)["distinct_models"],
+    base: Path, folders: list[Path], args: argparse.Namespace
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Phase 4: one engine with every customer resident, saturated by requests spread
+    over the first 5, then each of ``--adapters`` customers, then 5 again (the two runs
+    of 5 bracket the others, so a machine that drifts over minutes shows in their spread
+    rather than in the ratio)."""
+    most = max(args.adapters)
+    engine = continuous(base, args, most)
+    load_seconds = load_all(engine, folders[:most])
+    names = [f.name for f in folders[:most]]
+    runs: list[tuple[int, Run, list[Request]]] = []
+    for index, count in enumerate([FEW, *args.adapters, FEW]):
+        models = zipf_models(names[:count], args.requests, random.Random(args.seed))
+        requests = mixed_lengths(engine.encode_chat, models, args.seed)
+        if index == 0:
+            closed_loop(engine, requests[: args.clients], args.clients)  # warm-up
+        runs.append((count, closed_loop(engine, requests, args.clients), requests))
+    shared = {
         "load_all_seconds": round(load_seconds, 1),
         "resident_mb": round(sum(engine.cache.resident.values()) / 1024**2, 1),
         "resident_adapters": len(engine.cache.resident),
@@ -203,7 +206,44 @@ def many_adapters(
         "evictions": engine.stats.evictions,
     }
     engine.close()
-    return figures
+    results = [
+        {
+            **run.figures(),
+            "adapters": count,
+            "distinct_models": describe(requests)["distinct_models"],
+        }
+        for count, run, requests in runs
+    ]
+    return shared, results
+
+
+def engine_ratios(
+    sat: dict[str, dict[str, float]],
+    below: dict[str, dict[float, Run]],
+    rates: dict[float, float],
+    slo: float,
+) -> dict[str, float]:
+    """Phases 1 and 2 side by side: throughput while saturated, p99 latency at each rate."""
+    steady = "steady_tokens_per_second"  # while every client had a request in flight
+    ratios: dict[str, float] = {
+        "saturated continuous/window": ratio(sat["continuous"][steady], sat["window"][steady]),
+        "saturated continuous/peft_static": ratio(
+            sat["continuous"][steady], sat["peft_static"][steady]
+        ),
+        "whole run continuous/window": ratio(
+            sat["continuous"]["tokens_per_second"], sat["window"]["tokens_per_second"]
+        ),
+    }
+    for fraction in rates:
+        at = {name: runs[fraction].figures(slo) for name, runs in below.items()}
+        for peer in ("window", "peft_static"):
+            for what in ("ttft_p99_s", "e2e_p99_s"):
+                key = f"{what.split('_')[0]} p99 {peer}/continuous at {fraction}"
+                ratios[key] = ratio(at[peer][what], at["continuous"][what])
+    ratios["p99 ttft window/continuous"] = min(
+        v for k, v in ratios.items() if k.startswith("ttft p99 window/continuous")
+    )
+    return ratios
 
 
 def parse_args() -> argparse.Namespace:
@@ -221,6 +261,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--open-requests", type=int, default=32, help="sent below saturation")
     parser.add_argument("--ttft-slo", type=float, default=2.0, help="seconds, for SLO attainment")
     parser.add_argument("--no-http", action="store_true", help="skip phase 3")
+    parser.add_argument("--only-many", action="store_true", help="phase 4 alone")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--base", default=BASE, help="catalogue name or transformers folder")
@@ -244,53 +285,46 @@ def main() -> None:
         tokenizer = base_models.load_tokenizer(base)
         requests = mixed_lengths(partial(encode_chat, tokenizer), models, args.seed)
         figures["workload"] = describe(requests)
-        saturated, below = in_process(base, folders, args, requests)
-        window_rate = saturated["window"].figures()["requests_per_second"]
-        rates = {fraction: fraction * window_rate for fraction in args.load_fractions}
+        saturated: dict[str, Run] = {}
+        below: dict[str, dict[float, Run]] = {}
         http: dict[str, Run] = {}
-        if not args.no_http:
+        rates: dict[float, float] = {}
+        if not args.only_many:
+            saturated, below = in_process(base, folders, args, requests)
+            window_rate = saturated["window"].figures()["requests_per_second"]
+            rates = {fraction: fraction * window_rate for fraction in args.load_fractions}
+        if not (args.no_http or args.only_many):
             first = args.load_fractions[0]
             http["saturated"], http[f"at {first}"] = over_http(
                 base, folders, args, models, rates[first]
             )
-        many = [many_adapters(base, folders, args, count) for count in args.adapters]
+        many_shared, many = many_adapters(base, folders, args)
 
     sat = {name: run.figures() for name, run in saturated.items()}
+    ratios = engine_ratios(sat, below, rates, slo) if sat else {}
     low = {
         f"at {fraction} ({rates[fraction]:.3f} req/s)": {
             name: runs[fraction].figures(slo) for name, runs in below.items()
         }
-        for fraction in args.load_fractions
+        for fraction in rates
     }
     steady = "steady_tokens_per_second"  # while every client had a request in flight
-    ratios: dict[str, float] = {
-        "saturated continuous/window": ratio(sat["continuous"][steady], sat["window"][steady]),
-        "saturated continuous/peft_static": ratio(
-            sat["continuous"][steady], sat["peft_static"][steady]
-        ),
-        "whole run continuous/window": ratio(
-            sat["continuous"]["tokens_per_second"], sat["window"]["tokens_per_second"]
-        ),
-    }
-    for fraction in args.load_fractions:
-        at = {name: runs[fraction].figures(slo) for name, runs in below.items()}
-        for peer in ("window", "peft_static"):
-            for what in ("ttft_p99_s", "e2e_p99_s"):
-                key = f"{what.split('_')[0]} p99 {peer}/continuous at {fraction}"
-                ratios[key] = ratio(at[peer][what], at["continuous"][what])
-    ratios["p99 ttft window/continuous"] = min(
-        v for k, v in ratios.items() if k.startswith("ttft p99 window/continuous")
-    )
+    few_runs = [item["steady_tokens_per_second"] for item in many if item["adapters"] == FEW]
+    few_steady = sum(few_runs) / len(few_runs)
     for item in many:
-        ratios[f"{item['adapters']} adapters/{FEW}"] = ratio(
-            item[steady], sat["continuous"][steady]
-        )
-    targets = {**TARGETS, **{f"{n} adapters/{FEW}": MANY_TARGET for n in args.adapters}}
+        if item["adapters"] != FEW:
+            ratios[f"{item['adapters']} adapters/{FEW}"] = ratio(
+                item["steady_tokens_per_second"], few_steady
+            )
+    ratios[f"{FEW} adapters, second run/first"] = ratio(few_runs[-1], few_runs[0])
+    targets = {f"{n} adapters/{FEW}": MANY_TARGET for n in args.adapters}
+    if sat:
+        targets.update(TARGETS)
     figures.update(
         saturated=sat,
         below_saturation=low,
         http={name: run.figures(slo) for name, run in http.items()},
-        many_adapters=many,
+        many_adapters={**many_shared, "runs": many},
         ratios=ratios,
         targets=targets,
         targets_met={name: ratios[name] >= target for name, target in targets.items()},

@@ -190,6 +190,29 @@ def test_serve_workload_runs_every_contender_and_phase(tiny_base: Path) -> None:
     }  # fmt: skip
     assert figures["http"]["saturated"]["requests"] == 4
     assert figures["http"]["saturated"]["failed"] == 0
-    (many,) = figures["many_adapters"]
+    many = figures["many_adapters"]
     assert many["resident_adapters"] == 7
+    assert [run["adapters"] for run in many["runs"]] == [5, 7, 5]
+    assert figures["ratios"]["7 adapters/5"] > 0
     assert set(figures["targets_met"]) == set(figures["targets"])
+
+
+def test_steady_throughput_counts_tokens_only_until_the_last_request_was_sent() -> None:
+    from workload import Run, Timing
+
+    # Sent at 0; the run saturated until 10. One request done at 8 (40 tokens), one
+    # decoding from 6 to 16 (100 tokens: 40 of them by 10), one starting after 10.
+    run = Run(
+        timings=[
+            Timing(0.0, first=1.0, done=8.0, tokens=40),
+            Timing(5.0, first=6.0, done=16.0, tokens=100),
+            Timing(9.0, first=12.0, done=20.0, tokens=50),
+        ],
+        seconds=20.0,
+        started=0.0,
+        saturated_until=10.0,
+    )
+    assert run.steady_tokens_per_second() == pytest.approx((40 + 40) / 10)
+    figures = run.figures()
+    assert figures["saturated_seconds"] == 10.0
+    assert figures["tokens_per_second"] == pytest.approx(190 / 20)
