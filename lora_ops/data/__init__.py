@@ -2,7 +2,11 @@
 
 * :mod:`~lora_ops.data.examples`: a JSONL file read line by line, every problem with its
   file:line; the canonical form and the content hash.
-* :mod:`~lora_ops.data.tokenize`: the chat template rendered, loss on assistant turns only.
+* :mod:`~lora_ops.data.messages`: one message checked by role (weight, tool calls and
+  results included); :mod:`~lora_ops.data.tools`: tools, calls and answers checked;
+  :mod:`~lora_ops.data.fields`: the field checks both share.
+* :mod:`~lora_ops.data.tokenize`: the chat rendered (tools too), loss on trained assistant
+  turns only.
 * :mod:`~lora_ops.data.split`: train/eval by content hash.
 * :mod:`~lora_ops.data.validation`: a whole file checked, token counts, the report.
 * :mod:`~lora_ops.data.prepared`: validate, tokenize and split a file; save and load the result.
@@ -21,6 +25,7 @@ from lora_ops.data.examples import (
     Message,
     Role,
     dataset_sha256,
+    is_trained,
     json_type_name,
     parse_examples,
     prompt_of,
@@ -45,6 +50,7 @@ __all__ = [
     "TokenizedExample",
     "ValidationReport",
     "dataset_sha256",
+    "is_trained",
     "json_type_name",
     "parse_examples",
     "prepare_dataset",

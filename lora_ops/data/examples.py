@@ -3,22 +3,32 @@
 A data file is JSONL in UTF-8, one conversation a line, in either of two shapes:
 
 * OpenAI chat fine-tuning: ``{"messages": [{"role": "user", "content": "..."}, ...]}`` with
-  roles ``system``, ``user`` and ``assistant``;
+  roles ``system``, ``user``, ``assistant`` and ``tool``, and optionally ``"tools"`` (the
+  functions the conversation may call) and ``"parallel_tool_calls"``;
 * prompt/completion: ``{"prompt": "...", "completion": "..."}``, read as [user, assistant].
+
+Tool use is OpenAI's: an assistant turn may hold ``tool_calls`` (its content then null,
+absent or empty), each naming a function in the line's ``tools`` with ``arguments`` as JSON
+text of an object; a ``tool`` turn answers a call by ``tool_call_id``, right after the turn
+that made it (or after another tool turn). :mod:`lora_ops.data.tools` checks those shapes.
+An assistant turn may carry ``"weight": 0`` (or 1, the default): a turn of weight 0 is
+context the model is not trained to say.
 
 Every problem is reported, not just the first, as an :class:`InputError` carrying file, line
 and field. Decisions a customer will meet:
 
-* Keys other than those above are refused, on a line and on a message. Ignoring OpenAI's
-  ``"weight": 0`` would silently train on turns the customer excluded, and ignoring ``"name"``
-  would merge speakers; refusing says so at the door. Tool calls are not supported.
+* Keys other than those above are refused, on a line and on a message: ignoring ``"name"``
+  would merge speakers, and a misplaced ``weight`` (on a user turn, say) would be ignored
+  silently; refusing says so at the door. The legacy ``functions``/``function_call`` (and
+  role ``function``) are refused with a pointer to ``tools``/``tool_calls``.
 * A conversation starts with a user turn (after one optional system message, which must come
-  first) and holds at least one assistant turn. It may end on a user turn after an assistant
-  turn: that tail is context without loss, so it is kept as written.
+  first) and holds at least one assistant turn of weight 1. It may end on a user or tool turn
+  after an assistant turn: that tail is context without loss, so it is kept as written.
 * Blank lines are skipped but counted, so line numbers match an editor's. A UTF-8 byte-order
   mark on line 1 is dropped. A line over ``MAX_LINE_BYTES`` is refused without being parsed.
-* An exact duplicate (same messages after parsing, whatever the JSON formatting) is refused,
-  naming the line it repeats: it would double that example's weight and could leak into eval.
+* An exact duplicate (same messages and tools after parsing, whatever the JSON formatting) is
+  refused, naming the line it repeats: it would double that example's weight and could leak
+  into eval.
 
 An example's identity is its canonical JSON (:func:`canonical_json`): the dataset's sha256
 and the train/eval split are taken over it, never over the bytes as written.
@@ -29,33 +39,59 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal, TypedDict
+from typing import IO, Any
 
+from lora_ops.chat import assistant_text
+from lora_ops.data.fields import Issue, json_type_name, shorten, text_problem
+from lora_ops.data.messages import (
+    LEGACY,
+    ROLES,
+    Message,
+    Role,
+    check_message,
+    is_trained,
+    normalized,
+)
+from lora_ops.data.tools import call_issues, check_tools
 from lora_ops.errors import InputError
 
+__all__ = [  # names read from here since before messages had a module of their own
+    "MAX_LINE_BYTES",
+    "ROLES",
+    "DataError",
+    "Example",
+    "Message",
+    "Role",
+    "canonical_json",
+    "content_sha256",
+    "dataset_sha256",
+    "is_trained",
+    "json_type_name",
+    "parse_examples",
+    "prompt_of",
+    "read_examples",
+    "reference_reply",
+]
+
 MAX_LINE_BYTES = 1 << 20  # 1 MiB: far above any sane example, small enough to hold in memory
-ROLES = ("system", "user", "assistant")
-
-Role = Literal["system", "user", "assistant"]
-_Issue = tuple[str | None, str]  # (field, reason) before a file and line are attached
-
-
-class Message(TypedDict):
-    """One chat turn; a plain dict, so it goes to ``apply_chat_template`` unchanged."""
-
-    role: Role
-    content: str
+_LINE_KEYS = ("messages", "tools", "parallel_tool_calls")
 
 
 @dataclass(frozen=True)
 class Example:
-    """One validated conversation and the 1-based line it came from."""
+    """One validated conversation, the 1-based line it came from, and the tools it may call.
+
+    ``tools`` holds OpenAI's function definitions as written (``{"type": "function",
+    "function": {...}}``); ``parallel_tool_calls`` is the line's setting, None when unset.
+    """
 
     messages: tuple[Message, ...]
     line: int
+    tools: tuple[dict[str, Any], ...] = ()
+    parallel_tool_calls: bool | None = None
 
 
 class DataError(InputError):
@@ -92,17 +128,17 @@ def parse_examples(path: Path) -> tuple[list[Example], list[InputError]]:
     first_seen: dict[str, int] = {}
     try:
         for number, raw in _read_lines(path):
-            messages, issues = _parse_line(raw, number)
+            example, issues = _parse_line(raw, number)
             problems += [InputError(r, file=path, line=number, field=f) for f, r in issues]
-            if messages is None:
+            if example is None:
                 continue
-            key = canonical_json(messages)
+            key = canonical_json(example.messages, example.tools)
             if key in first_seen:
                 reason = f"exact duplicate of line {first_seen[key]}"
                 problems.append(InputError(reason, file=path, line=number))
                 continue
             first_seen[key] = number
-            examples.append(Example(messages, number))
+            examples.append(example)
     except OSError as e:
         raise InputError(f"cannot read the file: {e.strerror or e}", file=path) from e
     if not examples and not problems:
@@ -142,8 +178,8 @@ def _skip_rest_of_line(f: IO[bytes]) -> None:
         pass
 
 
-def _parse_line(raw: bytes | None, number: int) -> tuple[tuple[Message, ...] | None, list[_Issue]]:
-    """Decode and check one line: (messages, []) when valid, (None, issues) otherwise."""
+def _parse_line(raw: bytes | None, number: int) -> tuple[Example | None, list[Issue]]:
+    """Decode and check one line: (example, []) when valid, (None, issues) otherwise."""
     if raw is None:
         return None, [(None, f"line is longer than {MAX_LINE_BYTES} bytes; not read")]
     try:
@@ -160,95 +196,90 @@ def _parse_line(raw: bytes | None, number: int) -> tuple[tuple[Message, ...] | N
         return None, [(None, f"not valid JSON: {e.msg} at column {e.colno}")]
     except RecursionError:
         return None, [(None, "not valid JSON: nested too deeply")]
-    return _read_object(obj)
+    return _read_object(obj, number)
 
 
-def _read_object(obj: Any) -> tuple[tuple[Message, ...] | None, list[_Issue]]:
+def _read_object(obj: Any, number: int) -> tuple[Example | None, list[Issue]]:
     if not isinstance(obj, dict):
         return None, [(None, f"expected a JSON object, got {json_type_name(obj)}")]
     if "messages" in obj:
-        allowed = {"messages"}
+        allowed: tuple[str, ...] = _LINE_KEYS
     elif "prompt" in obj or "completion" in obj:
-        allowed = {"prompt", "completion"}
+        allowed = ("prompt", "completion")
     else:
         found = ", ".join(map(repr, obj)) or "none"
         reason = f"expected a 'messages' list, or 'prompt' and 'completion'; found keys: {found}"
-        return None, [(None, _shorten(reason, 200))]
-    issues: list[_Issue] = [
-        (
-            _shorten(key),
-            f"unknown key {_shorten(repr(key))}; a line holds 'messages', or 'prompt' and "
-            "'completion'",
-        )
-        for key in obj
-        if key not in allowed
-    ]
-    shape = _check_messages if "messages" in allowed else _prompt_completion
-    messages, shape_issues = shape(obj)
+        return None, [(None, shorten(reason, 200))]
+    issues: list[Issue] = [_line_key_issue(key) for key in obj if key not in allowed]
+    if allowed is _LINE_KEYS:
+        example, shape_issues = _read_chat(obj, number)
+    else:
+        example, shape_issues = _prompt_completion(obj, number)
     issues += shape_issues
-    return (messages if not issues else None), issues
+    return (example if not issues else None), issues
 
 
-def _prompt_completion(obj: dict[str, Any]) -> tuple[tuple[Message, ...] | None, list[_Issue]]:
-    issues: list[_Issue] = []
+def _line_key_issue(key: str) -> Issue:
+    if key in LEGACY:
+        return key, LEGACY[key]
+    reason = (
+        f"unknown key {shorten(repr(key))}; a line holds 'messages' (with optional 'tools' "
+        "and 'parallel_tool_calls'), or 'prompt' and 'completion'"
+    )
+    return shorten(key), reason
+
+
+def _prompt_completion(obj: dict[str, Any], number: int) -> tuple[Example | None, list[Issue]]:
+    issues: list[Issue] = []
     for key in ("prompt", "completion"):
         if key not in obj:
             issues.append((key, f"missing key {key!r}"))
-        elif reason := _text_problem(obj[key]):
+        elif reason := text_problem(obj[key]):
             issues.append((key, reason))
     if issues:
         return None, issues
     user = Message(role="user", content=obj["prompt"])
-    return (user, Message(role="assistant", content=obj["completion"])), []
+    return Example((user, Message(role="assistant", content=obj["completion"])), number), []
 
 
-def _check_messages(obj: dict[str, Any]) -> tuple[tuple[Message, ...] | None, list[_Issue]]:
-    raw = obj["messages"]
+def _read_chat(obj: dict[str, Any], number: int) -> tuple[Example | None, list[Issue]]:
+    """A ``messages`` line: its tools, its messages, then calls and answers across them."""
+    tools, issues = check_tools(obj["tools"]) if "tools" in obj else ((), [])
+    parallel = obj.get("parallel_tool_calls")
+    if "parallel_tool_calls" in obj and not isinstance(parallel, bool):
+        got = json_type_name(parallel)
+        issues.append(("parallel_tool_calls", f"must be true or false, got {got}"))
+    messages, message_issues = _check_messages(obj["messages"])
+    issues += message_issues
+    if messages is not None and not issues:  # names and ids are only compared once well formed
+        issues += call_issues(messages, tools, parallel is not False)
+    if messages is None or issues:
+        return None, issues
+    return Example(messages, number, tools, parallel), []
+
+
+def _check_messages(raw: Any) -> tuple[tuple[Message, ...] | None, list[Issue]]:
     if not isinstance(raw, list):
         return None, [("messages", f"must be a list, got {json_type_name(raw)}")]
     if not raw:
         return None, [("messages", "holds no messages")]
-    issues: list[_Issue] = []
+    issues: list[Issue] = []
     roles: list[str | None] = []
     for i, item in enumerate(raw):
-        role, item_issues = _check_message(item, f"messages[{i}]")
+        role, item_issues = check_message(item, f"messages[{i}]")
         roles.append(role)
         issues += item_issues
     if None not in roles:  # with a role unknown, order rules would only echo that problem
-        issues += _conversation_issues(roles)
+        issues += _conversation_issues(roles, raw)
     if issues:
         return None, issues
-    return tuple(Message(role=m["role"], content=m["content"]) for m in raw), []
+    return tuple(normalized(item) for item in raw), []
 
 
-def _check_message(item: Any, where: str) -> tuple[str | None, list[_Issue]]:
-    """Check one message; return its role when the role is valid, and the issues."""
-    if not isinstance(item, dict):
-        return None, [(where, f"must be an object, got {json_type_name(item)}")]
-    issues: list[_Issue] = [
-        (
-            f"{where}.{_shorten(key)}",
-            f"unknown key {_shorten(repr(key))}; only 'role' and 'content' are supported",
-        )
-        for key in item
-        if key not in ("role", "content")
-    ]
-    role = item.get("role")
-    if "role" not in item:
-        issues.append((f"{where}.role", "missing key 'role'"))
-    elif role not in ROLES:
-        expected = ", ".join(ROLES)
-        issues.append((f"{where}.role", f"unknown role {_shorten(repr(role))}; use {expected}"))
-    if "content" not in item:
-        issues.append((f"{where}.content", "missing key 'content'"))
-    elif reason := _text_problem(item["content"]):
-        issues.append((f"{where}.content", reason))
-    return (role if role in ROLES else None), issues
-
-
-def _conversation_issues(roles: list[str | None]) -> list[_Issue]:
-    """Order rules: one system message at most, first; a user turn next; an assistant turn."""
-    issues: list[_Issue] = [
+def _conversation_issues(roles: list[str | None], raw: list[dict[str, Any]]) -> list[Issue]:
+    """Order rules: one system message at most, first; a user turn next; a trained assistant
+    turn somewhere (weight 0 on every one leaves nothing to learn)."""
+    issues: list[Issue] = [
         (f"messages[{i}].role", "a system message must come first")
         for i, role in enumerate(roles)
         if role == "system" and i > 0
@@ -259,37 +290,42 @@ def _conversation_issues(roles: list[str | None]) -> list[_Issue]:
         issues.append((f"messages[{turns[0][0]}].role", reason))
     if "assistant" not in roles:
         issues.append(("messages", "no assistant turn, so nothing to learn from"))
+    elif all(item.get("weight", 1) == 0 for item in raw if item["role"] == "assistant"):
+        issues.append(("messages", "every assistant turn has weight 0, so nothing to learn from"))
     return issues
 
 
-def _text_problem(value: Any) -> str | None:
-    if not isinstance(value, str):
-        return f"must be a string, got {json_type_name(value)}"
-    if not value.strip():
-        return "empty or whitespace-only"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # JSON's "\ud800" escapes decode to lone surrogates
-        return "holds an unpaired surrogate escape such as \\ud800, which is not valid Unicode"
-    return None
+def canonical_json(messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] = ()) -> str:
+    """The messages (and tools) as canonical JSON: sorted keys, no spaces, raw UTF-8; no newlines.
+
+    Without tools this is the list of messages, as it was before tools were accepted, so a
+    plain dataset keeps its sha256; with tools, ``{"messages": [...], "tools": [...]}``. A
+    call's arguments enter as the object they encode: their spacing is formatting, not content.
+    """
+    plain = [_canonical_message(m) for m in messages]
+    value: Any = {"messages": plain, "tools": list(tools)} if tools else plain
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
-def json_type_name(value: Any) -> str:
-    """How a JSON value's type reads in an error message ("an object", "null", ...)."""
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
-    if value is None:
-        return "null"
-    return names.get(type(value), "a number")
-
-
-def _shorten(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def canonical_json(messages: Sequence[Message]) -> str:
-    """The messages as canonical JSON: sorted keys, no spaces, raw UTF-8; no newlines."""
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return json.dumps(plain, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+def _canonical_message(message: Message) -> dict[str, Any]:
+    plain: dict[str, Any] = {"role": message["role"], "content": message["content"]}
+    if "tool_calls" in message:
+        plain["tool_calls"] = [
+            {
+                "id": call["id"],
+                "type": call["type"],
+                "function": {
+                    "name": call["function"]["name"],
+                    "arguments": json.loads(call["function"]["arguments"]),
+                },
+            }
+            for call in message["tool_calls"]
+        ]
+    if "tool_call_id" in message:
+        plain["tool_call_id"] = message["tool_call_id"]
+    if "weight" in message:
+        plain["weight"] = message["weight"]
+    return plain
 
 
 # ---------------------------------------------------------------------------- content hash
@@ -305,14 +341,14 @@ def dataset_sha256(path: Path) -> str:
 
 
 def content_sha256(examples: Iterable[Example]) -> str:
-    """The sha256 of the examples' canonical messages, in order (what dataset_sha256 names)."""
+    """The sha256 of the examples' canonical form, in order (what dataset_sha256 names)."""
     # Hash the canonical messages in file order rather than the raw bytes: the hash is the
     # registry's idempotency key and the dataset's S3 folder, so re-exporting the same data
     # with other whitespace, key order, escapes, line endings or blank lines (or as
     # prompt/completion instead of messages) must not retrain. Order is kept: it is content.
     digest = hashlib.sha256()
     for example in examples:
-        digest.update(canonical_json(example.messages).encode())
+        digest.update(canonical_json(example.messages, example.tools).encode())
         digest.update(b"\n")  # canonical JSON holds no raw newline, so this separates
     return digest.hexdigest()
 
@@ -321,13 +357,20 @@ def content_sha256(examples: Iterable[Example]) -> str:
 
 
 def prompt_of(example: Example) -> list[Message]:
-    """The conversation up to its first assistant turn: what a model is asked to answer."""
+    """The conversation up to its first trained assistant turn: what a model is asked to answer.
+
+    A tool example's prompt is answered with ``example.tools`` offered to the model.
+    """
     for index, message in enumerate(example.messages):
-        if message["role"] == "assistant":
+        if is_trained(message):
             return list(example.messages[:index])
     return list(example.messages)
 
 
 def reference_reply(example: Example) -> str:
-    """The first assistant turn: the answer the customer wants for ``prompt_of(example)``."""
-    return next(m["content"] for m in example.messages if m["role"] == "assistant")
+    """The first trained assistant turn: the answer the customer wants for ``prompt_of``.
+
+    A turn that calls tools reads as its text (if any) then one ``<tool_call>`` block per
+    call, as :mod:`lora_ops.chat` writes calls for a template that takes no tools.
+    """
+    return assistant_text(next(m for m in example.messages if is_trained(m)))

@@ -10,7 +10,8 @@ from lora_ops.errors import InputError
 
 
 def _example_hash(example: Example) -> int:
-    return int(hashlib.sha256(canonical_json(example.messages).encode()).hexdigest(), 16)
+    key = canonical_json(example.messages, example.tools)
+    return int(hashlib.sha256(key.encode()).hexdigest(), 16)
 
 
 def split_examples(
@@ -18,7 +19,7 @@ def split_examples(
 ) -> tuple[list[Example], list[Example]]:
     """Split by content hash, so an example's side never depends on file order or on others.
 
-    An example goes to eval when sha256(canonical messages) / 2**256 < eval_fraction. With
+    An example goes to eval when sha256(canonical_json) / 2**256 < eval_fraction. With
     two or more examples each side gets at least one: if eval would be empty the lowest-hash
     example moves to it; if train would be empty the highest-hash one moves to it. A single
     example goes to train. Each side keeps the input order.

@@ -16,6 +16,36 @@ ASSISTANT = {"role": "assistant", "content": "hello"}
 SYSTEM = {"role": "system", "content": "be brief"}
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+def call(call_id: str = "call_1", city: str = "Paris", name: str = "get_weather") -> dict[str, Any]:
+    """One tool call in OpenAI's shape, arguments as JSON text."""
+    arguments = json.dumps({"city": city})
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def tool_chat(i: int) -> dict[str, Any]:
+    """A valid tool-calling conversation, unique per i: ask, call, result, answer."""
+    city = f"City{i}"
+    return {
+        "messages": [
+            {"role": "user", "content": f"Weather in {city}?"},
+            {"role": "assistant", "content": None, "tool_calls": [call("call_1", city)]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 18}'},
+            {"role": "assistant", "content": f"It is 18 degrees in {city}."},
+        ],
+        "tools": [WEATHER],
+    }
+
+
 def chat(i: int) -> dict[str, Any]:
     """A valid one-turn conversation, unique per i."""
     return {

@@ -66,9 +66,9 @@ BAD_LINES = [
         id="content-parts-list",
     ),
     pytest.param(
-        as_line({"messages": [USER, ASSISTANT, {"role": "tool", "content": "x"}]}),
+        as_line({"messages": [USER, ASSISTANT, {"role": "robot", "content": "x"}]}),
         "messages[2].role",
-        "unknown role 'tool'",
+        "unknown role 'robot'",
         id="unknown-role",
     ),
     pytest.param(
@@ -91,15 +91,15 @@ BAD_LINES = [
         id="lone-surrogate",
     ),
     pytest.param(
-        as_line({"messages": [USER, {**ASSISTANT, "weight": 0}]}),
-        "messages[1].weight",
-        "unknown key 'weight'",
+        as_line({"messages": [USER, {**ASSISTANT, "name": "bob"}]}),
+        "messages[1].name",
+        "unknown key 'name'",
         id="message-extra-key",
     ),
     pytest.param(
-        as_line({"messages": [USER, ASSISTANT], "tools": []}),
-        "tools",
-        "unknown key 'tools'",
+        as_line({"messages": [USER, ASSISTANT], "metadata": {}}),
+        "metadata",
+        "unknown key 'metadata'",
         id="line-extra-key",
     ),
     pytest.param(
