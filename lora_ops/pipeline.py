@@ -141,6 +141,7 @@ def _sample_prompts(path: Path, eval_fraction: float) -> list[dict[str, Any]]:
     _, held_out = data.split_examples(data.read_examples(path), eval_fraction)
     return [
         {"messages": data.prompt_of(e), "reference": data.reference_reply(e)}
+        | ({"tools": list(e.tools)} if e.tools else {})
         for e in held_out[:SAMPLE_PROMPTS]
     ]
 
@@ -326,6 +327,7 @@ def evaluate_candidate(
             examples.eval,
             [p["messages"] for p in prompts],
             has_production=production is not None,
+            tools=[p.get("tools", []) for p in prompts],
         )
         evaluate_seconds = time.perf_counter() - started
     gate = decide_gate(

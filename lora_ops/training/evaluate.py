@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lora_ops.base_models import autocast_for
-from lora_ops.generation import generate_reply
+from lora_ops.chat import encode_chat_ids, text_of
+from lora_ops.generation import GenerationRequest, SamplingParams, generate_batch, generate_reply
 from lora_ops.lora import adapters_in_use
 from lora_ops.training.batching import Tokenized, collate, count_loss_tokens, summed_nll
 
@@ -55,16 +57,18 @@ def evaluate_adapters(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     eval_examples: Sequence[Tokenized],
-    prompts: Sequence[Sequence[dict[str, str]]],
+    prompts: Sequence[Sequence[Mapping[str, Any]]],
     *,
     has_production: bool,
     batch_size: int = 8,
     max_new_tokens: int = 48,
+    tools: Sequence[Sequence[Mapping[str, Any]]] | None = None,
 ) -> Evaluation:
     """Measure ``model``'s base and its ``candidate`` (and ``production``) adapters.
 
     The adapters are already loaded on ``model`` under those names; one copy of the base
-    serves all three, switched per call.
+    serves all three, switched per call. ``tools[i]`` (when given) are the functions offered
+    with ``prompts[i]``, as the example they come from offered them.
     """
     pad_id = int(tokenizer.pad_token_id)
     losses: dict[str | None, float] = {}
@@ -74,10 +78,11 @@ def evaluate_adapters(
         with adapters_in_use(model, adapter):
             losses[adapter] = eval_loss(model, eval_examples, pad_id, batch_size)
     generations = []
-    for messages in prompts:
-        row = {"prompt": messages[-1]["content"]}
+    for i, messages in enumerate(prompts):
+        offered = tools[i] if tools else ()
+        row = {"prompt": text_of(messages[-1].get("content"))}
         for column, adapter in (("base", None), ("candidate", "candidate")):
-            row[column] = generate_reply(model, tokenizer, messages, max_new_tokens, adapter)
+            row[column] = _reply(model, tokenizer, messages, offered, max_new_tokens, adapter)
         generations.append(row)
     return Evaluation(
         base_loss=losses[None],
@@ -85,3 +90,22 @@ def evaluate_adapters(
         production_loss=losses.get("production"),
         generations=generations,
     )
+
+
+def _reply(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any]],
+    max_new_tokens: int,
+    adapter: str | None,
+) -> str:
+    """The greedy reply, rendered as training rendered it when tools or tool turns are in."""
+    if not tools and all(set(m) <= {"role", "content"} for m in messages):
+        return generate_reply(
+            model, tokenizer, [dict(m) for m in messages], max_new_tokens, adapter
+        )
+    ids = encode_chat_ids(tokenizer, messages, tools)
+    request = GenerationRequest(ids, adapter, SamplingParams(max_tokens=max_new_tokens))
+    (result,) = generate_batch(model, tokenizer, [request])
+    return result.text.strip()
