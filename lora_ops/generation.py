@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -21,11 +21,17 @@ from lora_ops.lora import adapters_in_use
 # Dividing logits by a temperature this small overflows to inf (then NaN probabilities);
 # the distribution it asks for is the argmax anyway. vLLM draws the same line.
 GREEDY_BELOW = 1e-5
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request is decoded: greedy when ``temperature`` is 0."""
+    """How one request is decoded: greedy when ``temperature`` is 0.
+
+    ``logprobs``: None for none; k >= 0 for each generated token's log probability and
+    the k likeliest alternatives. Log probabilities are the model's own distribution
+    (vLLM's default), before penalties, biases, a grammar's mask or the temperature.
+    """
 
     max_tokens: int = 64
     temperature: float = 0.0
@@ -33,6 +39,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # run to max_tokens (or a stop string), as vLLM's flag does
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_tokens <= 4096:
@@ -43,6 +53,35 @@ class SamplingParams:
             raise InputError("must be in (0, 1]", field="top_p")
         if len(self.stop) > 4 or any(not s for s in self.stop):
             raise InputError("at most 4 non-empty strings", field="stop")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise InputError(f"must be between 0 and {MAX_TOP_LOGPROBS}", field="logprobs")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InputError("must be between -2 and 2", field=name)
+        if any(not -100.0 <= bias <= 100.0 for _, bias in self.logit_bias):
+            raise InputError("biases must be between -100 and 100", field="logit_bias")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log probability, and the likeliest tokens at its place."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token, logprob), likeliest first
+
+
+class TokenConstraint(Protocol):
+    """What a row may generate next (a grammar), consulted before every pick."""
+
+    def mask(self, logits: torch.Tensor) -> None:
+        """Set the logits of every token that may not come next to -inf, in place."""
+
+    def accept(self, token: int) -> None:
+        """Advance past ``token``, which the last mask allowed."""
+
+    def finished(self) -> bool:
+        """Nothing may follow what was accepted: the row ends here."""
 
 
 @dataclass
@@ -50,6 +89,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     adapter: str | None
     params: SamplingParams = field(default_factory=SamplingParams)
+    constraint: TokenConstraint | None = None  # one per row: it keeps the row's parse state
 
 
 @dataclass
@@ -58,6 +98,15 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str  # "stop" (end of turn or a stop string) or "length"
     prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What a streaming listener hears after a step: new text, and its tokens' logprobs."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 TokenCallback = Callable[[int, str], None]  # (row, newly decoded text)
@@ -71,6 +120,11 @@ class DecodingRow:
         self.tokens: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None
+        self.logprobs: list[TokenLogprob] | None = None
+        if request.params.logprobs is not None:
+            self.logprobs = []
+        self.reported = 0  # tokens whose logprobs a listener has heard
+        self._counts: torch.Tensor | None = None  # generated tokens by id, for penalties
         self.generator: torch.Generator | None = None
         if request.params.temperature >= GREEDY_BELOW:
             self.generator = torch.Generator(device=device)
@@ -78,6 +132,22 @@ class DecodingRow:
             # torch takes seeds in [-2**63, 2**64); any other integer folds into that range.
             seed = seed % 2**64 if seed is not None else torch.seed()
             self.generator.manual_seed(seed)
+
+    def adjusted(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits sampled from: biases and penalties added, the grammar's mask applied."""
+        params = self.request.params
+        penalised = params.presence_penalty or params.frequency_penalty
+        if not (params.logit_bias or penalised or self.request.constraint):
+            return logits
+        logits = logits.float().clone()
+        for token, bias in params.logit_bias:
+            logits[token] += bias
+        if penalised and self._counts is not None:
+            counts = self._counts
+            logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+        if self.request.constraint is not None:
+            self.request.constraint.mask(logits)
+        return logits
 
     def pick(self, logits: torch.Tensor) -> int:
         params = self.request.params
@@ -101,17 +171,22 @@ class DecodingRow:
         """
         if self.finish_reason:
             return int(tokenizer.pad_token_id), ""
-        token = self.pick(logits)
+        token = self.pick(self.adjusted(logits))
         params = self.request.params
+        constraint = self.request.constraint
         if token in eos and not params.ignore_eos:
             self.finish_reason = "stop"
             return token, ""
-        self.tokens.append(token)
+        self._record(token, logits)
+        if constraint is not None:
+            constraint.accept(token)
         # One flat list of ids decodes to one string; the list[str] branch is for batches.
         text = cast(str, tokenizer.decode(self.tokens, skip_special_tokens=True))
         cut = min((text.find(s) for s in params.stop if s in text), default=-1)
         if cut >= 0:
             text, self.finish_reason = text[:cut], "stop"
+        elif constraint is not None and constraint.finished():
+            self.finish_reason = "stop"
         elif len(self.tokens) >= params.max_tokens:
             self.finish_reason = "length"
         # A partial UTF-8 character decodes as U+FFFD: hold it back until it is whole.
@@ -122,12 +197,36 @@ class DecodingRow:
         self.text = text
         return token, piece
 
+    def _record(self, token: int, logits: torch.Tensor) -> None:
+        self.tokens.append(token)
+        params = self.request.params
+        if params.presence_penalty or params.frequency_penalty:
+            if self._counts is None:
+                self._counts = torch.zeros(logits.shape[-1], device=logits.device)
+            self._counts[token] += 1
+        if self.logprobs is not None:
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            top = torch.topk(logprobs, params.logprobs) if params.logprobs else None
+            alternatives = (
+                tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top else ()
+            )
+            self.logprobs.append(TokenLogprob(token, float(logprobs[token]), alternatives))
+
+    def delta(self, piece: str) -> Delta:
+        """``piece`` with the logprobs of the tokens generated since the last delta."""
+        if self.logprobs is None:
+            return Delta(piece)
+        new = tuple(self.logprobs[self.reported :])
+        self.reported = len(self.logprobs)
+        return Delta(piece, new)
+
     def result(self) -> GenerationResult:
         return GenerationResult(
             text=self.text,
             token_ids=self.tokens,
             finish_reason=self.finish_reason or "length",
             prompt_tokens=len(self.request.prompt_ids),
+            logprobs=self.logprobs,
         )
 
 

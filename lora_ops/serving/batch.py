@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lora_ops.generation import Delta
 from lora_ops.serving.kv_cache import BlockPool, block_key
 from lora_ops.serving.runner import ModelRunner, RowWork
 from lora_ops.serving.scheduler import Scheduler, Sequence
@@ -38,7 +39,7 @@ class StepPlan:
 @dataclass
 class StepOutcome:
     finished: list[Sequence] = field(default_factory=list)
-    pieces: list[tuple[Sequence, str]] = field(default_factory=list)  # new text per row
+    deltas: list[tuple[Sequence, Delta]] = field(default_factory=list)  # what rows added
 
 
 class StepPlanner:
@@ -90,7 +91,7 @@ class StepPlanner:
 
     def _match_prefix(self, sequence: Sequence) -> None:
         """Take the cached blocks of the longest known prefix (always leaving one token)."""
-        if not self.prefix_caching:
+        if self._share_leaders_prompt(sequence) or not self.prefix_caching:
             return
         tokens = sequence.tokens
         block = self.block_size
@@ -106,6 +107,25 @@ class StepPlanner:
             sequence.block_keys.append(key)
             previous = key
         sequence.computed = len(sequence.blocks) * block
+
+    def _share_leaders_prompt(self, sequence: Sequence) -> bool:
+        """Another choice of the same request: take the full blocks of its leader's prompt.
+
+        Done whether or not prefix caching is on: the choices of one request share their
+        prefill by definition. The prompt's last (partial) block is computed again, with
+        the prompt's last token, whose logits this choice samples its first token from.
+        """
+        leader = sequence.leader
+        if leader is None or leader.slot < 0 or sequence.preemptions:
+            return False
+        # Only blocks the leader has computed (it may be computing them again after a
+        # preemption), and never the prompt's last token.
+        prompt = len(sequence.request.prompt_ids)
+        full = min(leader.computed, prompt - 1) // self.block_size
+        sequence.blocks = self.pool.share(leader.blocks[:full])
+        sequence.block_keys = leader.block_keys[:full]
+        sequence.computed = full * self.block_size
+        return True
 
     def release(self, sequence: Sequence) -> None:
         """A running row is done: its blocks and slot go back, its queue place too."""
@@ -240,7 +260,8 @@ class StepPlanner:
     ) -> None:
         if sequence.abandoned():
             return  # dropped at the next step
-        _, piece = sequence.row.advance(logits, eos, tokenizer)
+        row = sequence.row
+        _, piece = row.advance(logits, eos, tokenizer)
         now = time.monotonic()
         if sequence.first_token_at is None:
             sequence.first_token_at = now
@@ -249,9 +270,11 @@ class StepPlanner:
             self.stats.itl.observe(sequence.tenant, now - sequence.last_token_at)
         sequence.last_token_at = now
         self.scheduler.charge(sequence.tenant, generated_tokens=1)
-        if piece:
-            outcome.pieces.append((sequence, piece))
-        if sequence.row.finish_reason is not None:
+        # A finished row hands over the logprobs of tokens whose text it held back.
+        unheard = row.logprobs is not None and row.reported < len(row.logprobs)
+        if piece or (row.finish_reason is not None and unheard):
+            outcome.deltas.append((sequence, row.delta(piece)))
+        if row.finish_reason is not None:
             outcome.finished.append(sequence)
 
     def _tidy_slots(self, decoding: Seq[Sequence]) -> None:

@@ -18,35 +18,40 @@ failure. No HTTP here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lora_ops import base_models
+from lora_ops.chat import encode_chat_ids
 from lora_ops.errors import InputError, LoraOpsError
 from lora_ops.generation import (
     DecodingRow,
+    Delta,
     GenerationRequest,
     GenerationResult,
     SamplingParams,
-    TokenCallback,
-    encode_chat,
     end_ids,
 )
 from lora_ops.lora.slots import AdapterSlots
 from lora_ops.serving.batch import StepPlanner
 from lora_ops.serving.cache import AdapterCache, UnknownModel
+from lora_ops.serving.engine_config import EngineConfig, context_length
+from lora_ops.serving.grammar import Grammar, GrammarCompiler
 from lora_ops.serving.kv_cache import DEFAULT_BLOCK_SIZE, BlockPool, KVShape, KVStore
 from lora_ops.serving.runner import ModelRunner
-from lora_ops.serving.scheduler import Overloaded, Scheduler, Sequence
+from lora_ops.serving.scheduler import DeltaCallback, Overloaded, Scheduler, Sequence
 from lora_ops.serving.sources import AdapterSource, SourcePolicy, SourceUnavailable
 from lora_ops.serving.stats import EngineStats
 from lora_ops.settings import get_settings
@@ -55,45 +60,6 @@ log = logging.getLogger(__name__)
 
 BASE_MODEL_NAME = "base"
 __all__ = ["AdapterSource", "Engine", "EngineConfig", "EngineStats", "Overloaded", "UnknownModel"]
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """How an engine serves: its base model, and the limits that keep a replica responsive.
-
-    Args:
-        base: catalogue name or transformers folder of the base model.
-        max_adapters: adapters kept in memory at once (least recently used go first).
-        max_adapter_bytes: byte budget for the adapters kept in memory.
-        max_batch_size: most requests running at once.
-        max_queue: most requests waiting to run; more are refused (:class:`Overloaded`).
-        max_requests_per_model: most requests one model (a customer's adapter, or the
-            base) may have waiting and running; more are refused (:class:`Overloaded`).
-        max_model_len: most tokens (prompt + completion) of one request; at most, and by
-            default, the base model's context length.
-        kv_cache_tokens: tokens the KV cache holds, shared by the running requests
-            (default: the larger of ``max_model_len`` and 1,024 per batch row).
-        prefill_chunk_tokens: most prompt tokens computed in one step.
-        prefix_caching: reuse the keys and values of prompt blocks seen before.
-        adapter_roots: folders local adapters must lie in; ``None`` accepts any folder
-            (in-process use), an empty sequence none (``lora-ops serve`` passes its roots).
-        bucket: the one S3 bucket adapters may come from (default: the settings' bucket).
-        work_dir: where fetched adapter files are kept while they load.
-    """
-
-    base: str | Path
-    max_adapters: int = 1024
-    max_adapter_bytes: int | None = 2 * 1024**3
-    max_batch_size: int = 16
-    max_queue: int = 256
-    max_requests_per_model: int = 128
-    max_model_len: int | None = None
-    kv_cache_tokens: int | None = None
-    prefill_chunk_tokens: int = 512
-    prefix_caching: bool = True
-    adapter_roots: Seq[Path] | None = None
-    bucket: str | None = None
-    work_dir: Path | None = None
 
 
 class Engine:
@@ -146,7 +112,7 @@ class Engine:
         """The model, its adapters' cache and its KV cache (on the step thread)."""
         self.tokenizer = base_models.load_tokenizer(config.base)
         self.model = base_models.load_model(config.base)
-        self.max_model_len = _context_length(self.model, config.max_model_len)
+        self.max_model_len = context_length(self.model, config.max_model_len)
         policy = SourcePolicy(config.adapter_roots, config.bucket or get_settings().bucket)
         self.cache = AdapterCache(
             self.model,
@@ -159,6 +125,9 @@ class Engine:
         self.kv_capacity, self.planner = self._kv_cache(config)
         self._device = next(self.model.parameters()).device
         self._eos = end_ids(self.model, self.tokenizer)
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        eos_ids = [int(token) for token in self._eos if token is not None]
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, eos_ids)
 
     def _kv_cache(self, config: EngineConfig) -> tuple[int, StepPlanner]:
         tokens = config.kv_cache_tokens or max(self.max_model_len, 1024 * config.max_batch_size)
@@ -210,11 +179,22 @@ class Engine:
 
     # -- requests -------------------------------------------------------------------------
 
-    def encode_chat(self, messages: Seq[dict[str, str]]) -> list[int]:
-        return encode_chat(self.tokenizer, messages)
+    def encode_chat(
+        self, messages: Seq[Mapping[str, Any]], tools: Seq[Mapping[str, Any]] | None = None
+    ) -> list[int]:
+        """A chat's prompt ids in OpenAI's message shape (tools too, :mod:`lora_ops.chat`)."""
+        return encode_chat_ids(self.tokenizer, messages, tools)
 
     def encode_text(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Seq[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    @functools.lru_cache(maxsize=65_536)  # noqa: B019 (one engine a replica, kept to its end)
+    def token_text(self, token: int) -> str:
+        """One token's text, as logprobs name it (a partial UTF-8 character reads U+FFFD)."""
+        return str(self.tokenizer.decode([token]))
 
     def room(self, prompt_tokens: int) -> int:
         """How many tokens a request with this prompt may still generate."""
@@ -236,11 +216,14 @@ class Engine:
         prompt_ids: list[int],
         model: str,
         params: SamplingParams | None = None,
-        on_text: TokenCallback | None = None,
+        on_text: DeltaCallback | None = None,
+        grammar: Grammar | None = None,
     ) -> Future[GenerationResult]:
         """Queue one request; the future resolves when it has finished.
 
         Cancelling the future (a caller that went away) frees its place at the next step.
+        ``on_text`` hears each step's new text (and its logprobs); ``grammar`` constrains
+        what may be generated (:mod:`~lora_ops.serving.grammar`).
 
         Raises:
             UnknownModel: ``model`` is neither ``base`` nor a loaded adapter.
@@ -248,25 +231,47 @@ class Engine:
                 or the KV cache.
             Overloaded: the queue, or this model's share of it, is full.
         """
+        return self.submit_choices(prompt_ids, model, params, 1, on_text, grammar)[0]
+
+    def submit_choices(
+        self,
+        prompt_ids: list[int],
+        model: str,
+        params: SamplingParams | None,
+        choices: int,
+        on_text: DeltaCallback | None = None,
+        grammar: Grammar | None = None,
+    ) -> list[Future[GenerationResult]]:
+        """Queue ``choices`` answers to one prompt (OpenAI's ``n``), or none if any is refused.
+
+        The first computes the prompt; the others join once it has, sharing its blocks.
+        With a seed, choice i samples with seed + i, so the choices differ and repeat.
+        """
         adapter = None if model == BASE_MODEL_NAME else model
         if adapter is not None and adapter not in self.cache.sources:
             raise UnknownModel(f"the model {model!r} does not exist")
         params = params or SamplingParams()
         self._check_fits(len(prompt_ids), params.max_tokens)
-        future: Future[GenerationResult] = Future()
-        request = GenerationRequest(list(prompt_ids), adapter, params)
-        row = DecodingRow(request, self._device)
-        sequence = Sequence(request, future, on_text, row, model)
+        if any(not 0 <= token < self.vocab_size for token, _ in params.logit_bias):
+            raise InputError(f"token ids must be below {self.vocab_size}", field="logit_bias")
+        sequences: list[Sequence] = []
+        for index in range(choices):
+            seeded = params if params.seed is None else replace(params, seed=params.seed + index)
+            constraint = self.grammars.constraint(grammar) if grammar else None
+            request = GenerationRequest(list(prompt_ids), adapter, seeded, constraint)
+            row = DecodingRow(request, self._device)
+            leader = sequences[0] if sequences else None
+            sequences.append(Sequence(request, Future(), on_text, row, model, index, leader))
         with self._wake:
             if self._closed:
                 raise LoraOpsError("the replica is shutting down")
             try:
-                self.scheduler.add(sequence, self._retry_after_s())
+                self.scheduler.add(sequences, self._retry_after_s())
             except Overloaded:
                 self.stats.rejected += 1
                 raise
             self._wake.notify()
-        return future
+        return [sequence.future for sequence in sequences]
 
     def _check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         # Checked here, not in the batch: a bad request must not fail its batch-mates.
@@ -328,8 +333,8 @@ class Engine:
         with self._wake:
             for sequence in outcome.finished:
                 self.planner.release(sequence)
-        for sequence, piece in outcome.pieces:
-            _tell(sequence, piece)
+        for sequence, delta in outcome.deltas:
+            _tell(sequence, delta)
         for sequence in finished + outcome.finished:
             self._answer(sequence)
 
@@ -357,12 +362,18 @@ class Engine:
                     return  # the KV cache is full: wait for rows to finish
 
     def _next_to_admit(self) -> Sequence | None:
+        held: set[str] = set()  # customers whose next request waits for its prompt's leader
         while len(self.scheduler.running) < self.max_batch_size:
-            sequence = self.scheduler.next_waiting()
-            if sequence is None or not sequence.abandoned():
+            sequence = self.scheduler.next_waiting(held)
+            if sequence is None:
+                return None
+            if sequence.abandoned():
+                self.scheduler.drop_waiting(sequence)
+                self.stats.abandoned += 1
+            elif sequence.waits_for_leader():
+                held.add(sequence.tenant)
+            else:
                 return sequence
-            self.scheduler.drop_waiting(sequence)
-            self.stats.abandoned += 1
         return None
 
     def _resident_key(self, sequence: Sequence, counted: bool) -> str | None:
@@ -408,17 +419,6 @@ class Engine:
                 _fail(sequence, error)
 
 
-def _context_length(model: object, wanted: int | None) -> int:
-    """``wanted``, or the model's own context length, which it may not exceed."""
-    config = getattr(model, "config", None)
-    limit = int(getattr(config, "max_position_embeddings", 0) or 2048)
-    if wanted is None:
-        return limit
-    if not 1 < wanted <= limit:
-        raise InputError(f"must be between 2 and the model's {limit}", field="max_model_len")
-    return wanted
-
-
 def _for_caller(name: str, cause: Exception) -> Exception:
     """What a request hears when its adapter could not be loaded back.
 
@@ -435,12 +435,12 @@ def _fail(sequence: Sequence, error: Exception) -> None:
         sequence.future.set_exception(error)
 
 
-def _tell(sequence: Sequence, piece: str) -> None:
+def _tell(sequence: Sequence, delta: Delta) -> None:
     callback = sequence.on_text
     if callback is None:
         return
     try:
-        callback(0, piece)
+        callback(sequence.choice, delta)
     except Exception:  # a listener that went away must not fail its batch-mates
         log.debug("dropping a text listener", exc_info=True)
         sequence.on_text = None

@@ -67,10 +67,22 @@ def openai_error(
 
 
 async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0]
+    errors = exc.errors()
+    # A check of the request's own names its field; a union's other branches only echo it.
+    ours = [e for e in errors if isinstance(e.get("ctx", {}).get("error"), InputError)]
+    first = (ours or errors)[0]
     if first.get("type") == "json_invalid":
         return openai_error(400, "the body is not valid JSON", "invalid_request_error")
     param = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
+    if first.get("type") == "extra_forbidden":  # OpenAI's words for a field it does not know
+        message = f"Unrecognized request argument supplied: {param}"
+        return openai_error(400, message, "invalid_request_error", param=param)
+    if first.get("type") in ("union_tag_invalid", "union_tag_not_found"):  # e.g. a bad role
+        param += "." + str(first["ctx"]["discriminator"]).strip("'")
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, InputError):  # a check of the request's own: it names its field
+        param = cause.field or param
+        return openai_error(400, f"{param}: {cause.reason}", "invalid_request_error", param=param)
     return openai_error(400, f"{param}: {first['msg']}", "invalid_request_error", param=param)
 
 

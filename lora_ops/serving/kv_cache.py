@@ -102,6 +102,12 @@ class BlockPool:
         self._refs[block] += 1
         return block
 
+    def share(self, blocks: Sequence[int]) -> list[int]:
+        """Take one more reference to each of ``blocks`` (in use by another request)."""
+        for block in blocks:
+            self._refs[block] += 1
+        return list(blocks)
+
     def remember(self, key: bytes, block: int) -> None:
         """Record that ``block`` (full, in use) holds the prefix ``key``."""
         if key in self._block_of or block in self._hash_of:

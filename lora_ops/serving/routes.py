@@ -8,8 +8,8 @@ route its body checks first that the caller may send it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -17,17 +17,17 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from lora_ops.generation import GenerationResult
-from lora_ops.serving import schemas
+from lora_ops.serving import answers, schemas
 from lora_ops.serving.access import Access, KeyGrant
+from lora_ops.serving.answers import Work
 from lora_ops.serving.engine import AdapterSource, Engine
 from lora_ops.serving.errors import ADMIN_RESPONSES, INFERENCE_RESPONSES
 from lora_ops.serving.metrics import ReplicaMetrics
-from lora_ops.serving.schemas import ChatCompletionRequest, CompletionRequest
-from lora_ops.serving.streaming import json_or_events, start_stream
+from lora_ops.serving.requests import ChatCompletionRequest, CompletionRequest
+from lora_ops.serving.streaming import json_or_events, start_stream, submit_all
 
-DEFAULT_MAX_TOKENS = 64
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for an answer nobody is left to read
+requests_log = logging.getLogger("lora_ops.serving.requests")
 
 # -- what the routes share -------------------------------------------------------------------
 
@@ -151,8 +151,8 @@ async def list_models(grant: CallerGrant, replica: Replica) -> schemas.ModelList
 async def completions(
     body: CompletionForCaller, request: Request, replica: Replica
 ) -> Response | dict[str, Any]:
-    ids = await asyncio.to_thread(replica.engine.encode_text, body.prompt)
-    return await _respond(replica.engine, body, ids, request, chat=False)
+    work = await asyncio.to_thread(answers.completion_work, body, replica.engine)
+    return await _respond(replica.engine, work, request, body.user, None)
 
 
 @inference_routes.post(
@@ -163,9 +163,8 @@ async def completions(
 async def chat_completions(
     body: ChatForCaller, request: Request, replica: Replica
 ) -> Response | dict[str, Any]:
-    messages = [m.model_dump() for m in body.messages]
-    ids = await asyncio.to_thread(replica.engine.encode_chat, messages)
-    return await _respond(replica.engine, body, ids, request, chat=True)
+    work = await asyncio.to_thread(answers.chat_work, body, replica.engine)
+    return await _respond(replica.engine, work, request, body.user, body.safety_identifier)
 
 
 @admin_routes.post(
@@ -195,27 +194,31 @@ async def prometheus_metrics(replica: Replica) -> Response:
 
 
 async def _respond(
-    engine: Engine,
-    body: CompletionRequest | ChatCompletionRequest,
-    ids: list[int],
-    request: Request,
-    chat: bool,
+    engine: Engine, work: Work, request: Request, user: str | None, safety_id: str | None
 ) -> Response | dict[str, Any]:
-    limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
-    if limit is None:  # OpenAI's default: as much as fits, here capped at a short answer
-        limit = max(1, min(DEFAULT_MAX_TOKENS, engine.room(len(ids))))
-    params = body.model_copy(update={"max_tokens": limit}).sampling(DEFAULT_MAX_TOKENS)
-    if body.stream:
-        return await start_stream(engine, body.model, ids, params, chat)
-    answer = asyncio.wrap_future(engine.submit(ids, body.model, params))
+    if user or safety_id:  # kept where abuse is looked into: the replica's log
+        who = "request for %s: user=%s safety_identifier=%s"
+        requests_log.info(who, work.model, user, safety_id)
+    if work.stream:
+        return await start_stream(engine, work)
+    futures = submit_all(engine, work)
+    answer = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
     gone = asyncio.ensure_future(_disconnected(request))
-    waiting: set[asyncio.Future[Any]] = {answer, gone}
-    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-    if not answer.done():  # the client went away: its row is dropped at the next step
-        answer.cancel()
+    await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if not answer.done():  # the client went away: its rows are dropped at the next step
+        for future in futures:
+            future.cancel()
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     gone.cancel()
-    return _completion_body(body.model, answer.result(), chat)
+    if answer.exception() is not None:  # one choice failed: the others are not wanted
+        for future in futures:
+            future.cancel()
+    results = answer.result()
+    per_prompt = [
+        answers.best_choices(results[i : i + work.best_of], work.n)
+        for i in range(0, len(results), work.best_of)
+    ]
+    return answers.completion_body(work, engine, per_prompt)
 
 
 async def _disconnected(request: Request) -> None:
@@ -225,24 +228,3 @@ async def _disconnected(request: Request) -> None:
     """
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _completion_body(model: str, result: GenerationResult, chat: bool) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason, "logprobs": None}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": result.text}
-    else:
-        choice["text"] = result.text
-    completion = len(result.token_ids)
-    return {
-        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": result.prompt_tokens + completion,
-        },
-    }

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from lora_ops.errors import LoraOpsError
-from lora_ops.generation import DecodingRow, GenerationRequest, GenerationResult, TokenCallback
+from lora_ops.generation import DecodingRow, Delta, GenerationRequest, GenerationResult
+
+DeltaCallback = Callable[[int, Delta], None]  # (choice index, what it added)
 
 PROMPT_TOKEN_COST = 1.0
 GENERATED_TOKEN_COST = 2.0
@@ -42,9 +44,12 @@ class Sequence:
 
     request: GenerationRequest
     future: Future[GenerationResult]
-    on_text: TokenCallback | None
+    on_text: DeltaCallback | None
     row: DecodingRow
     tenant: str  # the model it named: an adapter, or "base"
+    choice: int = 0  # its index among the choices of one request (OpenAI's ``n``)
+    # The first choice of its request, whose prompt blocks this one shares; None for it.
+    leader: Sequence | None = None
     submitted: float = field(default_factory=time.monotonic)
     adapter_key: str = ""  # the adapter's identity in prefix keys; set when admitted
     blocks: list[int] = field(default_factory=list)
@@ -66,6 +71,12 @@ class Sequence:
     def abandoned(self) -> bool:
         """The caller went away (a disconnected client cancels its future)."""
         return self.future.cancelled()
+
+    def waits_for_leader(self) -> bool:
+        """Its leader runs and has not computed the prompt yet: joining now would compute
+        the prompt twice instead of sharing it."""
+        leader = self.leader
+        return leader is not None and leader.slot >= 0 and leader.first_token_at is None
 
 
 class Scheduler:
@@ -91,16 +102,18 @@ class Scheduler:
     def in_flight(self, tenant: str) -> int:
         return self._in_flight.get(tenant, 0)
 
-    def add(self, sequence: Sequence, retry_after_s: int) -> None:
-        """Queue a new request, or refuse it (:class:`Overloaded`) when there is no room."""
-        tenant = sequence.tenant
-        if self._waiting_count >= self.max_waiting:
+    def add(self, sequences: list[Sequence], retry_after_s: int) -> None:
+        """Queue the choices of one new request, or refuse them all (:class:`Overloaded`)
+        when there is no room for every one."""
+        tenant = sequences[0].tenant
+        count = len(sequences)
+        if self._waiting_count + count > self.max_waiting:
             raise Overloaded(
                 f"the replica is at capacity ({self.max_waiting} requests waiting)",
                 self.max_waiting,
                 retry_after_s,
             )
-        if self.in_flight(tenant) >= self.max_per_tenant:
+        if self.in_flight(tenant) + count > self.max_per_tenant:
             raise Overloaded(
                 f"the model {tenant!r} has {self.max_per_tenant} requests in flight, its limit",
                 self.max_per_tenant,
@@ -108,9 +121,9 @@ class Scheduler:
             )
         if self.in_flight(tenant) == 0:
             self._level(tenant)
-        self.waiting.setdefault(tenant, deque()).append(sequence)
-        self._in_flight[tenant] = self.in_flight(tenant) + 1
-        self._waiting_count += 1
+        self.waiting.setdefault(tenant, deque()).extend(sequences)
+        self._in_flight[tenant] = self.in_flight(tenant) + count
+        self._waiting_count += count
 
     def _level(self, tenant: str) -> None:
         """An idle customer comes back level with the least-served active one (VTC's lift)."""

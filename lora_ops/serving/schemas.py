@@ -1,65 +1,10 @@
-"""OpenAI and vLLM request bodies, checked at the door."""
+"""vLLM's adapter-admin bodies, and every answer's shape (OpenAI's requests: ``requests``)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from lora_ops.generation import SamplingParams
-
-
-class _Request(BaseModel):
-    # Unknown fields are ignored, as OpenAI's server does for fields it does not use.
-    model_config = ConfigDict(extra="ignore")
-
-    model: str = Field(min_length=1, max_length=128)
-    max_tokens: int | None = Field(None, ge=1, le=4096)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
-    user: str | None = Field(None, max_length=256)
-    ignore_eos: bool = Field(
-        False, description="vLLM's extra: keep generating past the end of turn (benchmarks)."
-    )
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > 4 or any(not s or len(s) > 64 for s in stops):
-            raise ValueError("stop takes at most 4 non-empty strings of up to 64 characters")
-        return value
-
-    def sampling(self, default_max_tokens: int) -> SamplingParams:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(
-            max_tokens=self.max_tokens or default_max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            stop=tuple(stops),
-            seed=self.seed,
-            ignore_eos=self.ignore_eos,
-        )
-
-
-class CompletionRequest(_Request):
-    prompt: str = Field(min_length=1, max_length=32_000)
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=32_000)
-
-
-class ChatCompletionRequest(_Request):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
-    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class LoadLoraAdapterRequest(BaseModel):
@@ -102,11 +47,18 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -118,16 +70,44 @@ class CompletionResponse(BaseModel):
     usage: Usage
 
 
+class Function(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: Function
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    refusal: None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+    refusal: None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    finish_reason: Literal["stop", "length", "tool_calls"]
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
