@@ -38,6 +38,7 @@ class Work:
     grammar: Grammar | None = None
     tool_names: list[str] = field(default_factory=list)  # parse calls of these tools
     single_call: bool = False  # parallel_tool_calls false: at most one call
+    forced_calls: bool = False  # the grammar allows calls only: no text is content
     echo: list[str] = field(default_factory=list)  # per prompt: text put before the answer
     logprobs: bool = False  # the caller asked for them
     include_usage: bool = False
@@ -66,6 +67,7 @@ def chat_work(body: ChatCompletionRequest, engine: Engine) -> Work:
         grammar=grammar,
         tool_names=[] if body.tool_choice == "none" else [t["function"]["name"] for t in tools],
         single_call=body.parallel_tool_calls is False,
+        forced_calls=body.forced_calls(),
         logprobs=bool(body.logprobs),
         include_usage=bool(options and options.include_usage),
         obfuscate=bool(options and options.include_obfuscation),
@@ -139,7 +141,8 @@ def reply_of(work: Work, text: str) -> ParsedReply:
         return ParsedReply(text, [])
     parsed = parse_tool_calls(text, work.tool_names)
     calls = parsed.tool_calls[:1] if work.single_call else parsed.tool_calls
-    return ParsedReply(parsed.content, calls)
+    # Forced calls cut short by max_tokens leave part of a call: not something said.
+    return ParsedReply(None if work.forced_calls else parsed.content, calls)
 
 
 def completion_body(

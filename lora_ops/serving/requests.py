@@ -324,3 +324,62 @@ class ChatCompletionRequest(_Common):
 
 StreamOptions.model_rebuild()
 _Common.model_rebuild()
+
+
+# -- what each field does here (the README's table; a test holds it to the openai package) --
+
+_SHARED_FIELDS = {
+    "model": "`base` or a customer's adapter; an API key reaches only its own",
+    "max_tokens": "honoured (default: what fits, at most 64)",
+    "temperature": "honoured (0 is greedy)",
+    "top_p": "honoured",
+    "stop": "honoured: up to 4 strings, cut from the text",
+    "seed": "honoured: same seed, same sample; choice i of n uses seed + i",
+    "stream": "honoured: server-sent events, `data: [DONE]` last",
+    "stream_options": "`include_usage` honoured (a last chunk with usage); "
+    "`include_obfuscation` honoured (random padding on each chunk)",
+    "n": f"honoured, up to {MAX_CHOICES}: the choices share the prompt's prefill",
+    "presence_penalty": "honoured",
+    "frequency_penalty": "honoured",
+    "logit_bias": "honoured: token id -> bias in [-100, 100]",
+    "user": "recorded in the replica's log (`lora_ops.serving.requests`)",
+}
+CHAT_FIELDS = {
+    **_SHARED_FIELDS,
+    "messages": "roles system, developer (read as system), user, assistant (with "
+    "`tool_calls`), tool; text content and text parts; images, audio and files refused; "
+    "the `function` role refused (deprecated)",
+    "max_completion_tokens": "honoured (as max_tokens)",
+    "logprobs": "honoured: the model's own log probabilities, streamed too",
+    "top_logprobs": "honoured, 0-20",
+    "response_format": "`text`; `json_object` and `json_schema` enforced by constrained "
+    "decoding (llguidance); a schema that cannot be enforced is a 400",
+    "tools": "honoured: rendered by the base's template, or in Hermes form",
+    "tool_choice": "`none`, `auto`, `required` and a named function (the last two "
+    "constrained to the functions' JSON schemas)",
+    "parallel_tool_calls": "honoured: false means at most one call",
+    "safety_identifier": "recorded in the replica's log (`lora_ops.serving.requests`)",
+    "prompt_cache_key": "accepted: prefix caching is automatic, per adapter",
+    "prompt_cache_retention": "`in_memory` honoured; `24h` refused",
+    "service_tier": "`auto` and `default` honoured; others refused",
+    "store": "false honoured; true refused (completions are not stored)",
+    "metadata": "refused unless empty (kept only with stored completions)",
+    "modalities": '`["text"]` honoured; audio refused',
+    "audio": "refused",
+    "prediction": "refused",
+    "reasoning_effort": "refused (not a reasoning model)",
+    "verbosity": "refused (not a reasoning model)",
+    "web_search_options": "refused",
+    "functions": "refused (deprecated: send tools)",
+    "function_call": "refused (deprecated: send tool_choice)",
+    "moderation": "refused",
+    "prompt_cache_options": "refused",
+}
+COMPLETION_FIELDS = {
+    **_SHARED_FIELDS,
+    "prompt": f"text or token ids, or a list of up to {MAX_PROMPTS} of either",
+    "best_of": f"honoured, up to {MAX_CHOICES}: the n likeliest returned; not with stream",
+    "echo": "honoured; with logprobs refused (prompt logprobs are not computed)",
+    "logprobs": "honoured, 0-5, streamed too",
+    "suffix": "refused (no fill-in-the-middle)",
+}

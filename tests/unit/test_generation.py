@@ -55,3 +55,34 @@ def test_the_reply_goes_through_the_named_adapter(
     adapted = generate_reply(tiny_model, tiny_tokenizer, messages, 24, "acme")
     assert adapted != base
     assert generate_reply(tiny_model, tiny_tokenizer, messages, 24) == base  # routing reset
+
+
+def test_biases_and_penalties_shape_the_logits_a_row_samples_from() -> None:
+    from lora_ops.generation import DecodingRow, GenerationRequest, SamplingParams
+
+    params = SamplingParams(
+        presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((3, 10.0), (4, -100.0))
+    )
+    row = DecodingRow(GenerationRequest([1], None, params), torch.device("cpu"))
+    logits = torch.zeros(8)
+    for token in (2, 2, 5):
+        row._record(token, logits)
+    adjusted = row.adjusted(logits)
+    expected = torch.tensor([0, 0, -0.5 - 0.5, 10, -100, -0.5 - 0.25, 0, 0])
+    assert torch.allclose(adjusted, expected)
+    assert torch.equal(logits, torch.zeros(8))  # the model's logits are left alone
+
+
+def test_a_row_that_asks_for_logprobs_gets_them_for_each_token() -> None:
+    from lora_ops.generation import DecodingRow, GenerationRequest, SamplingParams
+
+    row = DecodingRow(GenerationRequest([1], None, SamplingParams(logprobs=2)), torch.device("cpu"))
+    logits = torch.tensor([0.0, 2.0, 1.0, -1.0])
+    row._record(2, logits)
+    (entry,) = row.logprobs or []
+    expected = torch.log_softmax(logits, dim=-1)
+    assert entry.token == 2
+    assert entry.logprob == pytest.approx(float(expected[2]))
+    assert [t for t, _ in entry.top] == [1, 2]
+    assert row.delta("x").logprobs == (entry,)
+    assert row.delta("y").logprobs == ()
