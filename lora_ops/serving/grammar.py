@@ -156,6 +156,10 @@ class GrammarConstraint:
     def finished(self) -> bool:
         return bool(self._matcher.is_stopped() or self._matcher.is_error())
 
+    def failed(self) -> bool:
+        """A token the grammar does not allow was accepted (only by a caller's mistake)."""
+        return bool(self._matcher.is_error())
+
 
 def _call_schema(tool: Mapping[str, Any]) -> dict[str, Any]:
     function = tool["function"]

@@ -216,3 +216,22 @@ def test_steady_throughput_counts_tokens_only_until_the_last_request_was_sent() 
     figures = run.figures()
     assert figures["saturated_seconds"] == 10.0
     assert figures["tokens_per_second"] == pytest.approx(190 / 20)
+
+
+def test_structured_decoding_compares_equal_work(tiny_base: Path) -> None:
+    figures = run_bench(
+        "structured_decoding.py",
+        "--base",
+        str(tiny_base),
+        "--rows",
+        "2",
+        "--new-tokens",
+        "6",
+        "--rounds",
+        "1",
+    )
+    assert set(figures["ms_per_token"]) == {"free", "constrained", "mixed"}
+    assert figures["constrained/free"] > 0
+    # rounds x (2 constrained rows + 1 in the mixed batch), each checked against the schema
+    assert figures["constrained_outputs_checked"] == 3
+    assert figures["grammar_ms_per_constrained_token"] > 0
