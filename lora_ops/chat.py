@@ -64,12 +64,17 @@ class ParsedReply:
 
 
 def text_of(content: Any) -> str:
-    """A message's text: a string as is, text parts joined, ``None`` as empty."""
+    """A message's text: a string as is, text (and refusal) parts joined, ``None`` as empty."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    return "".join(part["text"] for part in content)
+    return "".join(part.get("text", part.get("refusal", "")) for part in content)
+
+
+def _said(message: Mapping[str, Any]) -> str:
+    """What a turn says; an assistant's refusal is what it said when there is no content."""
+    return text_of(message.get("content")) or message.get("refusal") or ""
 
 
 def template_takes_tools(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -120,7 +125,7 @@ def encode_chat_ids(
 def _native_message(message: Mapping[str, Any]) -> dict[str, Any]:
     """A message as transformers' tool-aware templates take it (arguments as objects)."""
     role = "system" if message["role"] == "developer" else message["role"]
-    out: dict[str, Any] = {"role": role, "content": text_of(message.get("content"))}
+    out: dict[str, Any] = {"role": role, "content": _said(message)}
     if message.get("tool_calls"):
         out["tool_calls"] = [
             {
@@ -144,7 +149,7 @@ def _hermes_messages(
     out: list[dict[str, Any]] = []
     for message in messages:
         role = "system" if message["role"] == "developer" else message["role"]
-        content = text_of(message.get("content"))
+        content = _said(message)
         if role == "assistant" and message.get("tool_calls"):
             calls = [_call_block(call) for call in message["tool_calls"]]
             content = "\n".join(([content] if content else []) + calls)

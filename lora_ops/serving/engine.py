@@ -252,8 +252,10 @@ class Engine:
             raise UnknownModel(f"the model {model!r} does not exist")
         params = params or SamplingParams()
         self._check_fits(len(prompt_ids), params.max_tokens)
-        if any(not 0 <= token < self.vocab_size for token, _ in params.logit_bias):
-            raise InputError(f"token ids must be below {self.vocab_size}", field="logit_bias")
+        bias_ids = [token for token, _ in params.logit_bias]
+        for field, ids in (("prompt", prompt_ids), ("logit_bias", bias_ids)):
+            if any(not 0 <= token < self.vocab_size for token in ids):
+                raise InputError(f"token ids must be below {self.vocab_size}", field=field)
         sequences: list[Sequence] = []
         for index in range(choices):
             seeded = params if params.seed is None else replace(params, seed=params.seed + index)

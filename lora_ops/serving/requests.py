@@ -12,6 +12,7 @@ and the test that compares them with the ``openai`` package's types.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -161,6 +162,16 @@ _Content = str | list[TextPart | _OtherPart]
 class FunctionCall(_Body):
     name: str = Field(min_length=1, max_length=64)
     arguments: str
+
+    @model_validator(mode="after")
+    def _arguments_are_an_object(self) -> Any:
+        try:
+            value = json.loads(self.arguments)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise InputError("must be JSON text of an object", field="tool_calls.arguments")
+        return self
 
 
 class ToolCallParam(_Body):

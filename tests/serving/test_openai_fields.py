@@ -162,3 +162,25 @@ def test_the_readme_lists_every_field() -> None:
     section = README.read_text().split("### OpenAI fields")[1].split("\n## ")[0]
     listed = set(re.findall(r"^\| `(\w+)` \|", section, re.MULTILINE))
     assert set(CHAT_FIELDS) | set(COMPLETION_FIELDS) <= listed
+
+
+def test_an_assistant_call_whose_arguments_are_not_an_object_is_refused(
+    client: TestClient,
+) -> None:
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1, 2"}}
+    messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    body = {"model": "base", "messages": messages, "tools": [TOOL]}
+    answered = client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert answered.status_code == 400
+    assert answered.json()["error"]["param"] == "tool_calls.arguments"
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(client: TestClient) -> None:
+    for field, extra in (
+        ("prompt", {"prompt": [1, 2**40]}),
+        ("logit_bias", {"logit_bias": {"99999999": 1}}),
+    ):
+        body = {"model": "base", "prompt": "Hi", "max_tokens": 2, **extra}
+        answered = client.post("/v1/completions", json=body, headers=AUTH)
+        assert answered.status_code == 400, answered.text
+        assert answered.json()["error"]["param"] == field
