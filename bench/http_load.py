@@ -130,8 +130,9 @@ def describe_chats(requests: Sequence[ChatRequest]) -> dict[str, Any]:
 def supports_stream_options(base_url: str, api_key: str | None = None) -> bool:
     """Whether the server's chat request schema declares ``stream_options``.
 
-    Asked of its OpenAPI schema rather than tried: a server that ignores unknown fields (a
-    lora-ops replica does) would take the field and never send the usage.
+    Asked of its OpenAPI schema rather than tried: a server that ignores unknown fields
+    would take the field and never send the usage (a lora-ops replica declares and honours
+    it, and refuses fields it does not know).
     """
     try:
         response = httpx.get(f"{base_url}/openapi.json", headers=_headers(api_key), timeout=30)

@@ -181,7 +181,7 @@ class _Events:
         chunks = []
         for index, result in enumerate(results):
             text, logprobs, calls = self.choices[index].finish()
-            if text:
+            if text or (logprobs and not calls):  # held text, or a held-back token's logprobs
                 chunks.append(self._chunk(index, self._content(text), logprobs=logprobs, of=index))
                 logprobs = []
             if calls:

@@ -70,9 +70,9 @@ def test_streamed_requests_are_timed_and_run_to_their_length(replica: Replica) -
     assert figures["tokens_per_second"] > 0
 
 
-def test_replica_declares_no_stream_options(replica: Replica) -> None:
-    # The replica ignores unknown fields: usage would never come, so it is not asked for.
-    assert not supports_stream_options(replica.url)
+def test_replica_declares_stream_options(replica: Replica) -> None:
+    # A lora-ops replica streams the usage when asked, so the driver counts tokens from it.
+    assert supports_stream_options(replica.url)
 
 
 def test_chats_draw_the_lengths_of_the_in_process_workload() -> None:

@@ -284,3 +284,28 @@ def test_best_of_returns_the_likeliest(client: openai.OpenAI) -> None:
 
     ranked = sorted((likelihood(c) for c in all_five.choices), reverse=True)
     assert [likelihood(c) for c in best.choices] == pytest.approx(ranked[:2])
+
+
+def test_every_token_s_logprob_is_streamed_even_when_its_text_was_held_back(
+    client: openai.OpenAI,
+) -> None:
+    # Sampled noise from a random model ends mid-character now and then: the tokens whose
+    # text was held back still bring their logprobs, in the stream's last chunks.
+    for seed in range(8):
+        asked: dict[str, Any] = {
+            "model": "customer-9",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 12,
+            "temperature": 1.5,
+            "seed": seed,
+            "logprobs": True,
+        }
+        whole = client.chat.completions.create(**asked)
+        streamed = [
+            entry.logprob
+            for chunk in client.chat.completions.create(**asked, stream=True)
+            for choice in chunk.choices
+            for entry in (choice.logprobs.content if choice.logprobs else None) or []
+        ]
+        content = whole.choices[0].logprobs.content or []  # type: ignore[union-attr]
+        assert streamed == pytest.approx([entry.logprob for entry in content])
