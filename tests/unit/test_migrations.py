@@ -29,7 +29,8 @@ from lora_ops.db import (
 from lora_ops.errors import LoraOpsError
 
 FLEET_TABLES = {"replicas", "deployments", "deploy_locks"}
-ALL_TABLES = FLEET_TABLES | {"customers"}
+ALL_TABLES = FLEET_TABLES | {"customers", "placements"}
+HEAD = "0003"
 
 # What lora-ops' Base.metadata.create_all made before it had migrations (SQLAlchemy's DDL).
 LEGACY_SCHEMA = """
@@ -122,7 +123,9 @@ def assert_fleet_rows_kept(engine: Engine) -> None:
         for table, rows in FLEET_ROWS.items():
             key = next(iter(rows[0]))
             found = connection.execute(text(f"SELECT * FROM {table} ORDER BY {key}"))
-            assert [dict(row._mapping) for row in found] == rows, table
+            # Only the columns the rows were written with: later revisions add others.
+            kept = [{column: row._mapping[column] for column in rows[0]} for row in found]
+            assert kept == rows, table
 
 
 def migrate_to(engine: Engine, revision: str) -> None:
@@ -132,9 +135,9 @@ def migrate_to(engine: Engine, revision: str) -> None:
 
 def test_empty_database_goes_to_head_with_every_table(tmp_path: Path) -> None:
     engine = create_engine_for(sqlite_url(tmp_path / "state" / "new.db"))
-    assert upgrade_database(engine) == ["0001", "0002"]
+    assert upgrade_database(engine) == ["0001", "0002", "0003"]
     assert tables(engine) == ALL_TABLES | {"alembic_version"}
-    assert revision_of(engine) == head_revision() == "0002"
+    assert revision_of(engine) == head_revision() == HEAD
 
 
 def test_a_second_upgrade_applies_nothing(tmp_path: Path) -> None:
@@ -142,12 +145,12 @@ def test_a_second_upgrade_applies_nothing(tmp_path: Path) -> None:
     Database(url)
     engine = create_engine(url)
     assert upgrade_database(engine) == []
-    assert database_revision(url) == ("0002", "0002")
+    assert database_revision(url) == (HEAD, HEAD)
 
 
 def test_revision_of_a_missing_file_is_none_and_creates_nothing(tmp_path: Path) -> None:
     path = tmp_path / "absent.db"
-    assert database_revision(sqlite_url(path)) == (None, "0002")
+    assert database_revision(sqlite_url(path)) == (None, HEAD)
     assert not path.exists()
 
 
@@ -156,10 +159,14 @@ def test_rows_at_0001_survive_the_upgrade_to_head(tmp_path: Path) -> None:
     migrate_to(engine, "0001")
     assert tables(engine) == FLEET_TABLES | {"alembic_version"}
     insert_fleet_rows(engine)
-    assert upgrade_database(engine) == ["0002"]
+    assert upgrade_database(engine) == ["0002", "0003"]
     assert_fleet_rows_kept(engine)
-    assert "customers" in tables(engine)
-    assert revision_of(engine) == "0002"
+    assert {"customers", "placements"} <= tables(engine)
+    assert revision_of(engine) == HEAD
+    with engine.connect() as connection:  # replicas from before placement are in rotation
+        states = connection.execute(text("SELECT state, base_sha256 FROM replicas")).all()
+    assert states
+    assert all(tuple(row) == ("active", None) for row in states)
 
 
 def test_a_database_from_before_migrations_is_stamped_then_upgraded(tmp_path: Path) -> None:
@@ -169,14 +176,14 @@ def test_a_database_from_before_migrations_is_stamped_then_upgraded(tmp_path: Pa
             if statement.strip():
                 connection.execute(text(statement))
     insert_fleet_rows(engine)
-    assert upgrade_database(engine) == ["0002"]
+    assert upgrade_database(engine) == ["0002", "0003"]
     assert_fleet_rows_kept(engine)
-    assert revision_of(engine) == "0002"
+    assert revision_of(engine) == HEAD
     assert_schema_matches_models(engine)
 
 
 def test_the_schema_at_head_matches_the_models(tmp_path: Path) -> None:
-    """Fails when a model in lora_ops/db.py changes without a migration."""
+    """Fails when a model in lora_ops/db/models.py changes without a migration."""
     engine = create_engine(sqlite_url(tmp_path / "head.db"))
     upgrade_database(engine)
     assert_schema_matches_models(engine)
@@ -205,7 +212,7 @@ def test_a_database_from_a_newer_lora_ops_is_refused(tmp_path: Path) -> None:
         connection.execute(text("UPDATE alembic_version SET version_num = '0099'"))
     with pytest.raises(LoraOpsError, match="revision 0099, newer than this lora-ops knows"):
         Database(url)
-    assert database_revision(url) == ("0099", "0002")
+    assert database_revision(url) == ("0099", HEAD)
 
 
 def test_the_database_works_after_migrating(tmp_path: Path) -> None:
@@ -236,7 +243,7 @@ def test_threads_opening_one_new_database_at_once_all_succeed(tmp_path: Path) ->
     for thread in threads:
         thread.join(timeout=60)
     assert errors == []
-    assert database_revision(url) == ("0002", "0002")
+    assert database_revision(url) == (HEAD, HEAD)
 
 
 OPEN_AT = """
@@ -264,11 +271,11 @@ def test_processes_opening_one_new_database_at_once_all_succeed(tmp_path: Path) 
     results = [process.communicate(timeout=120) for process in processes]
     for process, (_, stderr) in zip(processes, results, strict=True):
         assert process.returncode == 0, stderr
-    assert database_revision(url) == ("0002", "0002")
+    assert database_revision(url) == (HEAD, HEAD)
     engine = create_engine(url)
     with engine.connect() as connection:
         versions = connection.execute(text("SELECT version_num FROM alembic_version")).all()
-    assert versions == [("0002",)]
+    assert versions == [(HEAD,)]
 
 
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
