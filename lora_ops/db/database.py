@@ -11,7 +11,16 @@ from sqlalchemy import CursorResult, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from lora_ops.db.models import Customer, DeployLock, Deployment, Replica, utcnow
+from lora_ops.db.models import (
+    ACTIVE,
+    DOWN,
+    Customer,
+    DeployLock,
+    Deployment,
+    Placement,
+    Replica,
+    utcnow,
+)
 from lora_ops.db.schema import create_engine_for, upgrade_database
 from lora_ops.errors import LoraOpsError
 from lora_ops.settings import Settings, get_settings
@@ -67,24 +76,72 @@ class Database:
             with self.session() as session:
                 session.execute(delete(DeployLock).where(DeployLock.customer == customer))
 
+    # -- replicas and placement ----------------------------------------------------------
+
     def replica_urls(self) -> list[str]:
         with self.session() as session:
             return list(session.scalars(select(Replica.url).order_by(Replica.id)))
 
-    def add_replica(self, url: str) -> None:
-        """Register a replica; one already registered stays as it is."""
+    def replicas(self) -> list[Replica]:
+        """Every registered replica, oldest first."""
         with self.session() as session:
-            if session.scalars(select(Replica).where(Replica.url == url)).first() is None:
-                session.add(Replica(url=url))
+            return list(session.scalars(select(Replica).order_by(Replica.id)))
+
+    def add_replica(
+        self, url: str, base: str | None = None, base_sha256: str | None = None
+    ) -> None:
+        """Register a replica, or record the base an already registered one declares."""
+        with self.session() as session:
+            row = session.scalars(select(Replica).where(Replica.url == url)).first()
+            if row is None:
+                session.add(Replica(url=url, base=base, base_sha256=base_sha256))
+            elif base_sha256 is not None:
+                row.base, row.base_sha256 = base, base_sha256
+
+    def set_replica_state(self, url: str, state: str, detail: str = "") -> bool:
+        """Put a replica in rotation (``active``) or drain it (``down``); True on a change."""
+        if state not in (ACTIVE, DOWN):
+            raise ValueError(f"a replica's state is {ACTIVE} or {DOWN}, not {state!r}")
+        with self.session() as session:
+            row = session.scalars(select(Replica).where(Replica.url == url)).first()
+            if row is None or row.state == state:
+                return False
+            row.state, row.state_detail, row.state_since = state, detail, utcnow()
+            return True
 
     def remove_replica(self, url: str) -> bool:
-        """Forget a replica; False when it was not registered."""
+        """Forget a replica and its placements; False when it was not registered."""
         with self.session() as session:
+            session.execute(delete(Placement).where(Placement.replica_url == url))
             # A DELETE runs through a cursor, so it has a rowcount; Session types it loosely.
             result = cast(
                 CursorResult[Any], session.execute(delete(Replica).where(Replica.url == url))
             )
             return bool(result.rowcount)
+
+    def placements(self) -> dict[str, list[str]]:
+        """Customer -> the replicas its adapter lives on, in the order they were placed."""
+        query = select(Placement).order_by(Placement.customer, Placement.placed_at)
+        found: dict[str, list[str]] = {}
+        with self.session() as session:
+            for row in session.scalars(query):
+                found.setdefault(row.customer, []).append(row.replica_url)
+        return found
+
+    def place(self, customer: str, base_sha256: str, urls: list[str]) -> None:
+        """Record that ``customer`` lives on ``urls`` (and nowhere else) from now on."""
+        with self.session() as session:
+            session.execute(delete(Placement).where(Placement.customer == customer))
+            now = utcnow()
+            session.add_all(
+                Placement(
+                    customer=customer,
+                    replica_url=url,
+                    base_sha256=base_sha256,
+                    placed_at=now + dt.timedelta(microseconds=rank),  # keeps the order
+                )
+                for rank, url in enumerate(urls)
+            )
 
     def record_deployment_start(
         self, customer: str, version: str, replicas: list[str], triggered_by: str

@@ -8,6 +8,7 @@ route its body checks first that the caller may send it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from lora_ops import base_models
 from lora_ops.serving import answers, schemas
 from lora_ops.serving.access import Access, KeyGrant
 from lora_ops.serving.answers import Work
@@ -115,10 +117,19 @@ ROUTERS = (health_routes, inference_routes, admin_routes, metrics_routes)
     "/health", response_model=schemas.Health, responses={503: {"model": schemas.Health}}
 )
 async def health(request: Request, replica: Replica) -> Any:
+    name, sha256 = await asyncio.to_thread(base_identity, replica.engine.base)
     # Not ready while production adapters are still loading at start-up.
     if not request.app.state.ready:
-        return JSONResponse({"status": "loading", "base": replica.engine.base}, status_code=503)
-    return schemas.Health(status="ok", base=replica.engine.base)
+        loading = {"status": "loading", "base": name, "base_sha256": sha256}
+        return JSONResponse(loading, status_code=503)
+    return schemas.Health(status="ok", base=name, base_sha256=sha256)
+
+
+@functools.cache
+def base_identity(base: str) -> tuple[str, str]:
+    """The base's catalogue name (or folder) and weights' sha256, read once."""
+    folder = base_models.resolve_base(base)
+    return base_models.base_name(folder), base_models.base_sha256(folder)
 
 
 @inference_routes.get("/v1/models", responses=INFERENCE_RESPONSES)

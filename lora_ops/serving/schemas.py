@@ -135,4 +135,5 @@ class ModelList(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok", "loading"]
-    base: str
+    base: str  # the catalogue name, or the folder it was loaded from
+    base_sha256: str  # the weights': what a fleet matches adapters to replicas by

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from lora_ops import base_models
 from lora_ops.serving.app import create_app
 from lora_ops.serving.engine import Engine, EngineConfig
 
@@ -30,6 +31,12 @@ def test_health_is_503_until_the_app_is_ready(client: TestClient) -> None:
     assert loading.status_code == 503
     assert loading.json()["status"] == "loading"
     assert client.get("/health").json()["status"] == "ok"
+
+
+def test_health_names_the_base_and_its_weights(client: TestClient, tiny_base: Path) -> None:
+    health = client.get("/health").json()
+    assert health["base"] == "tiny-llama"
+    assert health["base_sha256"] == base_models.base_sha256(tiny_base)
 
 
 def test_metrics_name_the_apps_routes_and_lump_other_paths(client: TestClient) -> None:
