@@ -145,14 +145,33 @@ def _bootstrap(app_: Any, engine: Any, base: str) -> None:
 @fleet_app.command("add")
 def fleet_add(
     urls: Annotated[list[str], typer.Argument(help="Replica base URLs, http://host:port.")],
+    base: Annotated[
+        str | None,
+        typer.Option(
+            help="The base the replicas serve (catalogue name or folder), for replicas that "
+            "do not declare it on /health (vLLM). Default: what each declares.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Register one or more replicas (already registered ones are kept as they are)."""
-    from lora_ops.fleet import Fleet, check_url
+    """Register replicas with the base each serves (already registered ones are kept)."""
+    from lora_ops.fleet import BaseIdentity, Fleet, check_url
 
     checked = [check_url(url) for url in urls]  # all checked before any is added
+    given = None
+    if base is not None:
+        from lora_ops import base_models
+
+        folder = base_models.resolve_base(base)
+        given = BaseIdentity(base_models.base_name(folder), base_models.base_sha256(folder))
     fleet = Fleet()
     for url in checked:
-        out.print(f"added {fleet.add(url)}")
+        identity = fleet.add(url, given)
+        if identity is None:
+            out.print(f"added {url} (its base is not known yet: it did not answer /health "
+                      "with one; give --base for a vLLM replica)")  # fmt: skip
+        else:
+            out.print(f"added {url} (base {identity.name}, sha256 {identity.sha256[:12]})")
 
 
 @fleet_app.command("remove")

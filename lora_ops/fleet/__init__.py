@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from lora_ops.fleet.client import Fleet, ReplicaError, ReplicaHealth, check_url
+from lora_ops.fleet.client import BaseIdentity, Fleet, ReplicaError, ReplicaHealth, check_url
 from lora_ops.fleet.smoke import SMOKE_MAX_TOKENS, SMOKE_MESSAGES, smoke_reply
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ _ROLLOUT_NAMES = frozenset(
 
 __all__ = [
     "SMOKE_MAX_TOKENS",
+    "BaseIdentity",
     "SMOKE_MESSAGES",
     "DeployFailed",
     "DeployOutcome",

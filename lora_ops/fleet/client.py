@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -30,6 +30,14 @@ class ReplicaError(LoraOpsError):
         self.url = url
         self.reason = reason
         super().__init__(f"replica {url}: {reason}")
+
+
+class BaseIdentity(NamedTuple):
+    """The base model a replica serves: its name, and its weights' sha256 (which adapters'
+    ``base_model_sha256`` tags are matched against)."""
+
+    name: str
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -59,10 +67,25 @@ class Fleet:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout_s = timeout_s
 
-    def add(self, url: str) -> str:
+    def add(self, url: str, base: BaseIdentity | None = None) -> BaseIdentity | None:
+        """Register ``url`` with the base it serves: as given, else as the replica declares
+        it; None when neither is known yet (it is then left out of placement)."""
         url = check_url(url)
-        self.db.add_replica(url)
-        return url
+        identity = base or self.declared_base(url)
+        self.db.add_replica(url, *(identity or (None, None)))
+        return identity
+
+    def declared_base(self, url: str) -> BaseIdentity | None:
+        """The base a replica declares on /health (lora-ops replicas); None when it does not
+        (vLLM's /health is empty: give the base to ``add``) or cannot be reached."""
+        try:
+            response = httpx.get(f"{url}/health", timeout=5)
+            health = response.json() if response.content else {}
+        except (httpx.HTTPError, ValueError):
+            return None
+        if not isinstance(health, dict) or not health.get("base_sha256"):
+            return None
+        return BaseIdentity(str(health.get("base")), str(health["base_sha256"]))
 
     def remove(self, url: str) -> bool:
         return self.db.remove_replica(url)

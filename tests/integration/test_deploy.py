@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from lora_ops import names
+from lora_ops import base_models, names
 from lora_ops.config import TrainConfig
 from lora_ops.db import Database, DeployInProgress
 from lora_ops.fleet import Fleet
@@ -183,8 +183,16 @@ def test_fleet_cli_lists_replicas_with_health(fleet: tuple[Fleet, list[ReplicaPr
     assert listing.output.count("healthy") == 2
     bad = runner.invoke(app, ["fleet", "add", "ftp://nope"])
     assert "is not an http(s)://host:port URL" in str(bad.exception)
+    # Registered replicas declared their base; one that cannot be reached is added unknown.
+    again = runner.invoke(app, ["fleet", "add", replicas[0].url])
+    assert f"added {replicas[0].url} (base tiny-llama, sha256 " in again.output
+    declared = {r.url: (r.base, r.base_sha256) for r in Database().replicas()}
+    sha256 = base_models.base_sha256(base_models.resolve_base("tiny-llama"))
+    assert all(declared[r.url] == ("tiny-llama", sha256) for r in replicas)
     extra = f"http://127.0.0.1:{free_port()}"
-    assert runner.invoke(app, ["fleet", "add", extra]).exit_code == 0
+    added = runner.invoke(app, ["fleet", "add", extra])
+    assert added.exit_code == 0
+    assert "its base is not known yet" in added.output
     assert "Connection refused" in runner.invoke(app, ["fleet", "list"]).output
     assert runner.invoke(app, ["fleet", "remove", extra]).exit_code == 0
     assert extra not in Fleet(Database()).urls()
