@@ -128,6 +128,12 @@ class Database:
                 found.setdefault(row.customer, []).append(row.replica_url)
         return found
 
+    def placed_bases(self) -> dict[str, str]:
+        """Customer -> the base sha256 it was placed for."""
+        with self.session() as session:
+            rows = session.execute(select(Placement.customer, Placement.base_sha256)).all()
+        return {str(customer): str(base) for customer, base in rows}  # noqa: C416 (Row, not tuple)
+
     def place(self, customer: str, base_sha256: str, urls: list[str]) -> None:
         """Record that ``customer`` lives on ``urls`` (and nowhere else) from now on."""
         with self.session() as session:

@@ -1,9 +1,11 @@
-"""Promoting an adapter version to the whole fleet, all or nothing.
+"""Promoting an adapter version to the customer's replicas, all or nothing.
 
-Every replica loads the version and answers the smoke prompt as recorded at registration;
-only then does alias ``production`` move (the old one becomes ``previous``). If any
-replica fails at any step, every replica goes back to what it served before and the
-aliases stay as they were. Deploys of one customer never overlap (a database lock).
+The customer's replicas are its placement (:mod:`~lora_ops.fleet.placement`: k active
+replicas of the adapter's base). Each loads the version and answers the smoke prompt as
+recorded at registration; only then does alias ``production`` move (the old one becomes
+``previous``) and the placement is recorded. If any of them fails at any step, each goes
+back to what it served before and the aliases stay as they were. Deploys of one customer
+never overlap (a database lock).
 """
 
 from __future__ import annotations
@@ -14,11 +16,17 @@ import socket
 from dataclasses import dataclass
 
 from lora_ops import customers, names
-from lora_ops.db import Database
+from lora_ops.db import ACTIVE, Database
 from lora_ops.errors import InputError, LoraOpsError
 from lora_ops.fleet.client import Fleet, ReplicaError
+from lora_ops.fleet.placement import place
 from lora_ops.registry import AdapterVersion, Registry, review
-from lora_ops.registry.tags import ADAPTER_SHA256_TAG, APPROVED_TAG, SMOKE_OUTPUT_TAG
+from lora_ops.registry.tags import (
+    ADAPTER_SHA256_TAG,
+    APPROVED_TAG,
+    BASE_MODEL_SHA256_TAG,
+    SMOKE_OUTPUT_TAG,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +80,8 @@ def deploy(
     if triggered_by != "rollback":  # going back to what served before needs no new review
         _check_review(fleet.db, customer, target)
     current = registry.get_version_by_alias(customer, names.PRODUCTION)
-    replicas = fleet.urls()
-    if not replicas:
-        raise InputError("the fleet has no replicas; add one with `lora-ops fleet add URL`")
+    base_sha256 = target.tags.get(BASE_MODEL_SHA256_TAG, "")
+    replicas = replicas_for(fleet.db, customer, base_sha256)
     holder = f"{socket.gethostname()}:{os.getpid()}:{triggered_by}"
     with fleet.db.deploy_lock(customer, holder):
         rows = fleet.db.record_deployment_start(
@@ -82,7 +89,7 @@ def deploy(
         )
         try:
             for url in replicas:
-                _load_and_smoke(fleet, url, customer, target)
+                load_and_smoke(fleet, url, customer, target)
         except ReplicaError as exc:
             _restore(fleet, replicas, customer, current)
             fleet.db.record_deployment_end(rows, "failed", str(exc))
@@ -91,10 +98,39 @@ def deploy(
                 f"and was rolled back: {exc}"
             ) from None
         registry.promote_to_production(customer, str(target.version))
+        before = fleet.db.placements().get(customer, [])
+        fleet.db.place(customer, base_sha256, replicas)
         fleet.db.record_deployment_end(rows, "succeeded", "")
+    _unload_elsewhere(fleet, customer, [url for url in before if url not in replicas])
     previous = None if current is None else str(current.version)
     log.info("adapter-%s version %s serves on %d replicas", customer, target.version, len(replicas))
     return DeployOutcome(customer, str(target.version), previous, replicas)
+
+
+def replicas_for(db: Database, customer: str, base_sha256: str) -> list[str]:
+    """The replicas a customer's adapter goes to: its placement among the active replicas
+    of its base, the other customers' placements taken as they are.
+
+    Raises:
+        InputError: no active replica serves the adapter's base.
+    """
+    replicas = {r.url: r.base_sha256 for r in db.replicas() if r.state == ACTIVE and r.base_sha256}
+    if base_sha256 not in replicas.values():
+        raise InputError(
+            f"no replica in rotation serves adapter-{customer}'s base (sha256 "
+            f"{base_sha256[:12]}); add one with `lora-ops fleet add URL`"
+        )
+    customers = {**db.placed_bases(), customer: base_sha256}
+    return place(customers, replicas).replicas_of(customer)
+
+
+def _unload_elsewhere(fleet: Fleet, customer: str, urls: list[str]) -> None:
+    """Unload from replicas that no longer hold the customer (best effort: logged)."""
+    for url in urls:
+        try:
+            fleet.unload(url, customer)
+        except ReplicaError as exc:
+            log.warning("could not unload %s from %s: %s", customer, url, exc.reason)
 
 
 def rollback(
@@ -127,7 +163,8 @@ def _check_review(db: Database, customer: str, version: AdapterVersion) -> None:
     )
 
 
-def _load_and_smoke(fleet: Fleet, url: str, customer: str, version: AdapterVersion) -> None:
+def load_and_smoke(fleet: Fleet, url: str, customer: str, version: AdapterVersion) -> None:
+    """Load ``version`` on ``url``; it must answer the smoke prompt as registration recorded."""
     fleet.load(
         url,
         customer,

@@ -316,15 +316,17 @@ class AdapterVersions(Connection):
         log.info("%s: production %s -> %s", name, current, target)
         return self.get_version(customer, target)
 
-    def production_versions(self, base_model: str) -> list[tuple[str, AdapterVersion]]:
-        """(customer, version) of every customer whose production adapter fits ``base_model``."""
+    def production_versions(
+        self, base_model: str | None = None
+    ) -> list[tuple[str, AdapterVersion]]:
+        """(customer, version) of every production adapter (that fits ``base_model``, if given)."""
         found = []
         for model in self.client.search_registered_models("name LIKE 'adapter-%'"):
             version = model.aliases.get(names.PRODUCTION)
             if version is None:
                 continue
             adapter = AdapterVersion.of(self.client.get_model_version(model.name, str(version)))
-            if adapter.tags.get(BASE_MODEL_TAG) == base_model:
+            if base_model is None or adapter.tags.get(BASE_MODEL_TAG) == base_model:
                 found.append((adapter.customer, adapter))
         return found
 
