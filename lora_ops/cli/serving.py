@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from lora_ops.cli.common import BaseOption, out, secret_value
 from lora_ops.defaults import DEFAULT_BASE
@@ -185,17 +185,55 @@ def fleet_remove(url: Annotated[str, typer.Argument(help="Replica base URL.")]) 
 
 
 @fleet_app.command("list")
-def fleet_list() -> None:
-    """Replicas with their health and the adapters they serve."""
+def fleet_list(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per replica, for scripts.")
+    ] = False,
+) -> None:
+    """Replicas: the base each serves, in rotation or drained, health, and placement."""
     from lora_ops.fleet import Fleet
 
     fleet = Fleet()
-    table = Table("replica", "health", "models")
-    for url in fleet.urls():
-        health = fleet.health(url)
-        state = "[green]healthy[/]" if health.healthy else f"[red]{health.detail}[/]"
-        table.add_row(url, state, ", ".join(health.models))
-    out.print(table)
+    placed: dict[str, list[str]] = {}
+    for customer, urls in fleet.db.placements().items():
+        for url in urls:
+            placed.setdefault(url, []).append(customer)
+    rows = []
+    for replica in fleet.db.replicas():
+        health = fleet.health(replica.url)
+        rows.append(
+            {
+                "url": replica.url,
+                "base": replica.base,
+                "base_sha256": replica.base_sha256,
+                "state": replica.state,
+                "healthy": health.healthy,
+                "health": health.detail,
+                "placed": sorted(placed.get(replica.url, [])),
+                "models": health.models,
+            }
+        )
+    if as_json:
+        out.print_json(data=rows)
+        return
+    out.print(_fleet_table(rows))
+
+
+def _fleet_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table("base", "state", "health", "placed", "models")
+    # URLs whole, whatever the terminal's width: people copy them into other commands.
+    widest = max((len(row["url"]) for row in rows), default=7)
+    table.columns.insert(0, Column("replica", no_wrap=True, min_width=widest))
+    for row in rows:
+        health = "[green]healthy[/]" if row["healthy"] else f"[red]{row['health']}[/]"
+        customers = row["placed"]
+        more = f" (+{len(customers) - 8})" if len(customers) > 8 else ""
+        shown = f"{len(customers)}: {', '.join(customers[:8])}{more}" if customers else "0"
+        table.add_row(
+            row["url"], row["base"] or "unknown", row["state"], health, shown,
+            ", ".join(row["models"]),
+        )  # fmt: skip
+    return table
 
 
 def deploy(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -178,21 +179,32 @@ def test_fleet_cli_lists_replicas_with_health(fleet: tuple[Fleet, list[ReplicaPr
 
     _, replicas = fleet
     runner = CliRunner()
-    listing = runner.invoke(app, ["fleet", "list"])
+    sha256 = base_models.base_sha256(base_models.resolve_base("tiny-llama"))
+    Database().place("listed-co", sha256, [replicas[1].url])
+    listing = runner.invoke(app, ["fleet", "list"], terminal_width=200)
     assert listing.exit_code == 0, listing.output
     assert listing.output.count("healthy") == 2
+    assert listing.output.count("tiny-llama") == 2
+    listed = json.loads(runner.invoke(app, ["fleet", "list", "--json"]).output)
+    by_url = {row["url"]: row for row in listed}
+    assert "listed-co" in by_url[replicas[1].url]["placed"]
+    assert "listed-co" not in by_url[replicas[0].url]["placed"]
+    assert all(by_url[r.url]["base_sha256"] == sha256 for r in replicas)
+    assert all(by_url[r.url]["state"] == "active" and by_url[r.url]["healthy"] for r in replicas)
     bad = runner.invoke(app, ["fleet", "add", "ftp://nope"])
     assert "is not an http(s)://host:port URL" in str(bad.exception)
     # Registered replicas declared their base; one that cannot be reached is added unknown.
     again = runner.invoke(app, ["fleet", "add", replicas[0].url])
     assert f"added {replicas[0].url} (base tiny-llama, sha256 " in again.output
     declared = {r.url: (r.base, r.base_sha256) for r in Database().replicas()}
-    sha256 = base_models.base_sha256(base_models.resolve_base("tiny-llama"))
     assert all(declared[r.url] == ("tiny-llama", sha256) for r in replicas)
     extra = f"http://127.0.0.1:{free_port()}"
     added = runner.invoke(app, ["fleet", "add", extra])
     assert added.exit_code == 0
     assert "its base is not known yet" in added.output
-    assert "Connection refused" in runner.invoke(app, ["fleet", "list"]).output
+    listed = json.loads(runner.invoke(app, ["fleet", "list", "--json"]).output)
+    (unreachable,) = [row for row in listed if row["url"] == extra]
+    assert "Connection refused" in unreachable["health"]
+    assert unreachable["base"] is None
     assert runner.invoke(app, ["fleet", "remove", extra]).exit_code == 0
     assert extra not in Fleet(Database()).urls()
