@@ -75,6 +75,12 @@ class Fleet:
         self.db.add_replica(url, *(identity or (None, None)))
         return identity
 
+    def learn_bases(self) -> None:
+        """Ask replicas registered before their base was known (added while down) again."""
+        for replica in self.db.replicas():
+            if replica.base_sha256 is None and (identity := self.declared_base(replica.url)):
+                self.db.add_replica(replica.url, *identity)
+
     def declared_base(self, url: str) -> BaseIdentity | None:
         """The base a replica declares on /health (lora-ops replicas); None when it does not
         (vLLM's /health is empty: give the base to ``add``) or cannot be reached."""

@@ -81,6 +81,7 @@ def deploy(
         _check_review(fleet.db, customer, target)
     current = registry.get_version_by_alias(customer, names.PRODUCTION)
     base_sha256 = target.tags.get(BASE_MODEL_SHA256_TAG, "")
+    fleet.learn_bases()
     replicas = replicas_for(fleet.db, customer, base_sha256)
     holder = f"{socket.gethostname()}:{os.getpid()}:{triggered_by}"
     with fleet.db.deploy_lock(customer, holder):

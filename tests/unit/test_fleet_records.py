@@ -54,3 +54,18 @@ def test_placements_replace_a_customer_s_replicas_and_keep_their_order(db: Datab
 
     assert db.remove_replica(C)  # its placements go with it
     assert db.placements() == {"acme": [B], "globex": [B]}
+
+
+def test_a_replica_added_while_down_has_its_base_learned_when_it_answers(db: Database) -> None:
+    from lora_ops.fleet import Fleet
+    from tests.gateway.fakes import FakeReplica, answer
+
+    declared = {"status": "ok", "base": "tiny-llama", "base_sha256": "c" * 64}
+    with FakeReplica(answer(200, declared)) as replica:
+        db.add_replica(replica.url)  # as `fleet add` leaves one it could not reach
+        silent = "http://127.0.0.1:9"  # discard port: nothing answers
+        db.add_replica(silent)
+        Fleet(db).learn_bases()
+    bases = {r.url: (r.base, r.base_sha256) for r in db.replicas()}
+    assert bases[replica.url] == ("tiny-llama", "c" * 64)
+    assert bases[silent] == (None, None)
