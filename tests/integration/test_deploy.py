@@ -181,10 +181,10 @@ def test_fleet_cli_lists_replicas_with_health(fleet: tuple[Fleet, list[ReplicaPr
     runner = CliRunner()
     sha256 = base_models.base_sha256(base_models.resolve_base("tiny-llama"))
     Database().place("listed-co", sha256, [replicas[1].url])
-    listing = runner.invoke(app, ["fleet", "list"], terminal_width=200)
+    # The table fits the terminal (cells wrap), but never breaks a replica's URL.
+    listing = runner.invoke(app, ["fleet", "list"])
     assert listing.exit_code == 0, listing.output
-    assert listing.output.count("healthy") == 2
-    assert listing.output.count("tiny-llama") == 2
+    assert all(replica.url in listing.output for replica in replicas)
     listed = json.loads(runner.invoke(app, ["fleet", "list", "--json"]).output)
     by_url = {row["url"]: row for row in listed}
     assert "listed-co" in by_url[replicas[1].url]["placed"]
