@@ -21,6 +21,13 @@ from lora_ops.errors import InputError, LoraOpsError
 from lora_ops.serving.access import AccessDenied
 from lora_ops.serving.engine import Overloaded, UnknownModel
 from lora_ops.serving.limits import BodyTooLarge
+from lora_ops.serving.openai_errors import (
+    denied,
+    http_error,
+    input_error,
+    openai_error,
+    too_large,
+)
 from lora_ops.serving.schemas import ErrorResponse
 from lora_ops.serving.sources import SourceUnavailable
 
@@ -51,18 +58,6 @@ ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def openai_error(
-    status: int,
-    message: str,
-    kind: str,
-    code: str | None = None,
-    param: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
 # -- one handler per error kind --------------------------------------------------------------
 
 
@@ -86,34 +81,13 @@ async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
     return openai_error(400, f"{param}: {first['msg']}", "invalid_request_error", param=param)
 
 
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    # The framework's own refusals (an unparsable body, no such route, a wrong method) in
-    # OpenAI's shape too, keeping headers such as Allow.
-    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    response = openai_error(exc.status_code, str(exc.detail), kind)
-    response.headers.update(exc.headers or {})
-    return response
-
-
 async def _unknown_model(_: Request, exc: UnknownModel) -> JSONResponse:
     return openai_error(404, str(exc), "invalid_request_error", "model_not_found", "model")
-
-
-async def _input_error(_: Request, exc: InputError) -> JSONResponse:
-    return openai_error(400, str(exc), "invalid_request_error", param=exc.field)
-
-
-async def _denied(_: Request, exc: AccessDenied) -> JSONResponse:
-    return openai_error(exc.status, exc.message, exc.kind)
 
 
 async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
     retry = {"Retry-After": str(exc.retry_after_s)}
     return openai_error(429, str(exc), "rate_limit_exceeded", "queue_full", headers=retry)
-
-
-async def _too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
-    return openai_error(413, str(exc), "invalid_request_error", "request_too_large")
 
 
 async def _unavailable(_: Request, exc: SourceUnavailable) -> JSONResponse:
@@ -129,12 +103,12 @@ async def _refused(_: Request, exc: LoraOpsError) -> JSONResponse:
 # LoraOpsError catch-all shadows none of its subclasses here (InputError, Overloaded, ...).
 _HANDLERS: dict[type[Exception], Callable[[Request, Any], Awaitable[JSONResponse]]] = {
     RequestValidationError: _bad_request,
-    StarletteHTTPException: _http_error,
+    StarletteHTTPException: http_error,
     UnknownModel: _unknown_model,
-    InputError: _input_error,
-    AccessDenied: _denied,
+    InputError: input_error,
+    AccessDenied: denied,
     Overloaded: _overloaded,
-    BodyTooLarge: _too_large,
+    BodyTooLarge: too_large,
     SourceUnavailable: _unavailable,
     LoraOpsError: _refused,
 }
