@@ -14,6 +14,7 @@ SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 CANDIDATE, PRODUCTION, PREVIOUS = "candidate", "production", "previous"
 ALIASES = (CANDIDATE, PRODUCTION, PREVIOUS)
+STAGED_SUFFIX = ":staged"
 
 
 def check_customer(customer: object) -> str:
@@ -25,6 +26,24 @@ def check_customer(customer: object) -> str:
             field="customer",
         )
     return customer
+
+
+def staged_name(customer: str) -> str:
+    """The name a version is loaded under on a replica while a deploy smoke-tests it.
+
+    Callers reach a customer's adapter by the customer id only, so a staged version takes
+    no traffic; ``:`` cannot occur in an id, so it names no customer.
+    """
+    return check_customer(customer) + STAGED_SUFFIX
+
+
+def check_adapter_name(name: object) -> str:
+    """Return ``name`` if a replica may hold an adapter under it: a customer id, or a
+    customer's :func:`staged_name`."""
+    if isinstance(name, str) and name.endswith(STAGED_SUFFIX):
+        check_customer(name.removesuffix(STAGED_SUFFIX))
+        return name
+    return check_customer(name)
 
 
 def experiment_name(customer: str) -> str:

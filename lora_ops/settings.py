@@ -96,6 +96,13 @@ class Settings(BaseSettings):
         description="Folders a replica may load local adapters from, separated like PATH; "
         "empty: only s3:// (in the bucket) and models:/ adapters.",
     )
+    fleet_copies: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Replicas each customer's production adapter is placed on (k): deploys, "
+        "the gateway's fleet controller and `fleet remove` all place by it.",
+    )
     work_pool: str = Field(
         "lora-ops", description="Prefect work pool the retrain/<customer> deployments run on."
     )

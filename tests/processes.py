@@ -65,14 +65,31 @@ class LoraOpsProcess:
 
 
 class ReplicaProcess(LoraOpsProcess):
-    """A serving replica of tiny-llama on ``port``; ``extra_args`` go to ``lora-ops serve``."""
+    """A serving replica of ``base`` (tiny-llama) on ``port``; ``extra_args`` go to
+    ``lora-ops serve``."""
+
+    def __init__(
+        self,
+        port: int,
+        log: Path,
+        token: str,
+        extra_args: list[str] | None = None,
+        base: str = "tiny-llama",
+    ) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        args = ["serve", "--base", base, "--port", str(port), *(extra_args or [])]
+        super().__init__(args, self.url + "/health", log, {"LORA_OPS_ADMIN_TOKEN": token})
+
+
+class GatewayProcess(LoraOpsProcess):
+    """``lora-ops gateway`` on ``port``; ``extra_args`` go to the command."""
 
     def __init__(
         self, port: int, log: Path, token: str, extra_args: list[str] | None = None
     ) -> None:
-        self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        args = ["serve", "--base", "tiny-llama", "--port", str(port), *(extra_args or [])]
+        args = ["gateway", "--port", str(port), *(extra_args or [])]
         super().__init__(args, self.url + "/health", log, {"LORA_OPS_ADMIN_TOKEN": token})
 
 

@@ -12,6 +12,7 @@ import sys
 import typer
 
 from lora_ops.cli import customers as customers
+from lora_ops.cli import gateway as gateway
 from lora_ops.cli import models as models
 from lora_ops.cli import pipeline as pipeline
 from lora_ops.cli import scheduling as scheduling
@@ -44,6 +45,7 @@ app.add_typer(scheduling.schedule_app, name="schedule")
 app.command()(scheduling.worker)
 app.command()(serving.serve)
 app.add_typer(serving.fleet_app, name="fleet")
+app.command()(gateway.gateway)
 app.command()(serving.deploy)
 app.command()(serving.rollback)
 app.command()(serving.ask)

@@ -32,7 +32,10 @@ def checked(build: Callable[[], T]) -> T:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        raise InputError(first["msg"], field=field) from None
+        cause = first.get("ctx", {}).get("error")
+        # A validator's own message, without pydantic's "Value error, " in front of it.
+        reason = str(cause) if isinstance(cause, Exception) else first["msg"]
+        raise InputError(reason, field=field) from None
 
 
 def point_at_local_stack() -> None:

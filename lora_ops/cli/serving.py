@@ -80,6 +80,15 @@ def serve(
         Path | None,
         typer.Option(help='JSON file {"<key>": {"customer": ID, "allow_base": bool}}.'),
     ] = None,
+    fleet_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Join the fleet as this URL (how the gateway reaches this replica): register "
+            "it with its base at start, and load only the adapters placed on it. Without: "
+            "load every production adapter of the base.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run a serving replica: the base model plus adapters, OpenAI-compatible API."""
     import uvicorn
@@ -90,6 +99,10 @@ def serve(
     from lora_ops.settings import get_settings
 
     settings = get_settings()
+    if fleet_url is not None:
+        from lora_ops.fleet.client import check_url
+
+        fleet_url = check_url(fleet_url)
     token = admin_token or secret_value(settings.admin_token)
     grants = load_api_keys(api_keys) if api_keys else None  # checked before the model loads
     roots = _adapter_roots(adapter_root or settings.adapter_roots)
@@ -116,7 +129,9 @@ def serve(
     gc.freeze()
     if bootstrap:
         app_.state.ready = False
-        threading.Thread(target=_bootstrap, args=(app_, engine, base), daemon=True).start()
+        threading.Thread(
+            target=_bootstrap, args=(app_, engine, base, fleet_url), daemon=True
+        ).start()
     try:
         uvicorn.run(app_, host=host, port=port, log_level="warning")
     finally:
@@ -131,15 +146,32 @@ def _adapter_roots(roots: list[Path]) -> list[Path]:
     return roots
 
 
-def _bootstrap(app_: Any, engine: Any, base: str) -> None:
-    """Load every production adapter for this base from the registry, then report ready."""
+def _bootstrap(app_: Any, engine: Any, base: str, fleet_url: str | None) -> None:
+    """Join the fleet (given ``fleet_url``), load the production adapters this replica
+    serves from the registry, then report ready."""
     from lora_ops import base_models
     from lora_ops.serving.bootstrap import converge
 
     def ready() -> None:
         app_.state.ready = True
 
-    converge(engine, base_models.base_name(base_models.resolve_base(base)), ready)
+    folder = base_models.resolve_base(base)
+    if fleet_url is not None:
+        _join_fleet(fleet_url, base_models.base_name(folder), base_models.base_sha256(folder))
+    converge(engine, base_models.base_name(folder), ready, fleet_url=fleet_url)
+
+
+def _join_fleet(url: str, base: str, base_sha256: str) -> None:
+    """Register this replica (a drained one stays drained until the gateway's health
+    checks bring it back); the database unreachable is logged, the replica serves on."""
+    import logging
+
+    from lora_ops.db import Database
+
+    try:
+        Database.from_settings().add_replica(url, base, base_sha256)
+    except Exception:
+        logging.getLogger(__name__).exception("could not register %s with the fleet", url)
 
 
 @fleet_app.command("add")
@@ -176,12 +208,27 @@ def fleet_add(
 
 @fleet_app.command("remove")
 def fleet_remove(url: Annotated[str, typer.Argument(help="Replica base URL.")]) -> None:
-    """Forget a replica (it keeps running)."""
+    """Hand a replica's customers to the others (each loaded and smoke-tested first), then
+    forget it (it keeps running)."""
     from lora_ops.fleet import Fleet
+    from lora_ops.fleet.placer import drain
+    from lora_ops.registry import Registry
+    from lora_ops.settings import get_settings
 
-    if not Fleet().remove(url.rstrip("/")):
+    url = url.rstrip("/")
+    fleet = Fleet()
+    if url not in fleet.urls():
         raise InputError(f"{url} is not in the fleet", field="url")
-    out.print(f"removed {url}")
+    done = drain(fleet, Registry(), url, get_settings().fleet_copies)
+    for customer, why in sorted(done.failed.items()):
+        out.print(f"{customer} could not move: {why}")
+    if done.failed:
+        raise InputError(
+            f"{url} is drained but still registered: {len(done.failed)} customers could not "
+            "move; run `fleet remove` again once the fleet can take them",
+            field="url",
+        )
+    out.print(f"removed {url} ({len(done.applied)} customers moved)")
 
 
 @fleet_app.command("list")

@@ -54,12 +54,17 @@ class Database:
             yield session
 
     @contextmanager
-    def deploy_lock(self, customer: str, holder: str) -> Iterator[None]:
-        """Hold the customer's deploy lock; a second deploy of them fails at once."""
+    def deploy_lock(
+        self, customer: str, holder: str, expiry: dt.timedelta = LOCK_EXPIRY
+    ) -> Iterator[None]:
+        """Hold the customer's deploy lock; a second deploy of them fails at once.
+
+        A lock older than ``expiry`` is taken as left behind by a process that died.
+        """
         with self.session() as session:
             session.execute(
                 delete(DeployLock).where(
-                    DeployLock.customer == customer, DeployLock.acquired_at < utcnow() - LOCK_EXPIRY
+                    DeployLock.customer == customer, DeployLock.acquired_at < utcnow() - expiry
                 )
             )
         try:

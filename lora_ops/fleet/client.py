@@ -99,6 +99,15 @@ class Fleet:
     def urls(self) -> list[str]:
         return self.db.replica_urls()
 
+    def answers(self, url: str, timeout_s: float = 5.0) -> str | None:
+        """None when the replica's /health answers 200 (it takes traffic), else why not:
+        a replica still loading its adapters answers 503."""
+        try:
+            status = httpx.get(f"{url}/health", timeout=timeout_s).status_code
+        except httpx.HTTPError as exc:
+            return f"unreachable ({type(exc).__name__})"
+        return None if status == 200 else f"/health answered {status}"
+
     def health(self, url: str) -> ReplicaHealth:
         try:
             httpx.get(f"{url}/health", timeout=5).raise_for_status()

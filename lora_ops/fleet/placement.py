@@ -12,6 +12,11 @@ factor a replica must run 25% above the mean before the cap binds (small bases, 
 customers); when it does, a few copies cascade to later choices, the price of no replica
 running hot.
 
+The first copy of each customer takes its traffic while it is not busy (the gateway keeps a
+customer where its adapter is resident), so first copies are capped the same way: a
+customer whose favourite replica already leads its cap's worth of customers leads from its
+next copy instead. Which copy leads never moves an adapter.
+
 Everything here is pure: the caller reads replicas and customers from the database, asks for
 a placement, and turns ``changes`` into loads and unloads.
 """
@@ -60,7 +65,8 @@ class Placement:
     """Where every customer's adapter lives.
 
     Attributes:
-        assignment: customer -> its replicas, most preferred first (empty when unplaced).
+        assignment: customer -> its replicas, the leading copy first, then by preference
+            (empty when unplaced).
         replicas: url -> base key, every replica planned for, holding customers or not.
         caps: base key -> the most copies one replica of that base may hold.
         unplaced: customers whose base has no replica, sorted.
@@ -80,7 +86,7 @@ class Placement:
         object.__setattr__(self, "_held", {url: tuple(names) for url, names in held.items()})
 
     def replicas_of(self, customer: str) -> list[str]:
-        """The customer's replicas, most preferred first; KeyError for a customer not planned."""
+        """The customer's replicas, the leading copy first; KeyError for a customer not planned."""
         return list(self.assignment[customer])
 
     def customers_of(self, url: str) -> list[str]:
@@ -140,7 +146,7 @@ def place(
             continue
         counts = {c: min(wanted.get(c, k), len(urls)) for c in members}
         caps[base] = _cap(load_factor, sum(counts.values()), len(urls))
-        assignment.update(_place_base(counts, urls, caps[base]))
+        assignment.update(_place_base(counts, urls, caps[base], load_factor))
     for base in urls_of.keys() - caps.keys():
         caps[base] = 0  # a base with replicas and no customers: nothing to hold
     return Placement(assignment, dict(replicas), caps, sorted(unplaced))
@@ -212,7 +218,9 @@ def _order_key(customer: str) -> tuple[bytes, str]:
     return hashlib.blake2b(customer.encode(), digest_size=8).digest(), customer
 
 
-def _place_base(counts: Mapping[str, int], urls: list[str], cap: int) -> dict[str, tuple[str, ...]]:
+def _place_base(
+    counts: Mapping[str, int], urls: list[str], cap: int, load_factor: float
+) -> dict[str, tuple[str, ...]]:
     """Greedy bounded-load HRW over one base's replicas, repaired where the greedy sticks."""
     load = dict.fromkeys(urls, 0)
     held: dict[str, list[str]] = {}
@@ -228,7 +236,45 @@ def _place_base(counts: Mapping[str, int], urls: list[str], cap: int) -> dict[st
                 load[url] += 1
         while len(mine) < counts[customer]:
             _swap_in(customer, held, holders, load, cap)
-    return {c: tuple(preference(c, mine)) for c, mine in held.items()}
+    return _lead(held, urls, _cap(load_factor, len(counts), len(urls)))
+
+
+def _lead(held: Mapping[str, list[str]], urls: list[str], cap: int) -> dict[str, tuple[str, ...]]:
+    """Order each customer's replicas: the leading copy first, the others by preference.
+
+    Leads are a matching of customers to one of their own copies with at most ``cap`` per
+    replica (Kuhn's augmenting paths): a customer whose copies all lead ``cap`` customers
+    takes the place of one that can lead from another of its copies. A customer for which
+    no such chain exists keeps its first choice over the cap; the rest stay matched.
+    """
+    leaders: dict[str, list[str]] = {url: [] for url in urls}
+    lead: dict[str, str] = {}
+
+    def claim(customer: str, seen: set[str]) -> bool:
+        for url in preference(customer, held[customer]):
+            if url in seen:
+                continue
+            seen.add(url)
+            if len(leaders[url]) < cap:
+                leaders[url].append(customer)
+                lead[customer] = url
+                return True
+            for other in sorted(leaders[url], key=lambda c: (score(c, url), c)):
+                if claim(other, seen):  # moves `other` to another copy of its own
+                    leaders[url].remove(other)
+                    leaders[url].append(customer)
+                    lead[customer] = url
+                    return True
+        return False
+
+    for customer in sorted(held, key=_order_key):
+        if not claim(customer, set()):
+            lead[customer] = preference(customer, held[customer])[0]
+            leaders[lead[customer]].append(customer)
+    return {
+        customer: (lead[customer], *(u for u in preference(customer, mine) if u != lead[customer]))
+        for customer, mine in held.items()
+    }
 
 
 def _swap_in(

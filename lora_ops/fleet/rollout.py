@@ -1,11 +1,13 @@
 """Promoting an adapter version to the customer's replicas, all or nothing.
 
 The customer's replicas are its placement (:mod:`~lora_ops.fleet.placement`: k active
-replicas of the adapter's base). Each loads the version and answers the smoke prompt as
-recorded at registration; only then does alias ``production`` move (the old one becomes
-``previous``) and the placement is recorded. If any of them fails at any step, each goes
-back to what it served before and the aliases stay as they were. Deploys of one customer
-never overlap (a database lock).
+replicas of the adapter's base). Each loads the version under a staged name and answers
+the smoke prompt as recorded at registration; only then does alias ``production`` move
+(the old one becomes ``previous``), the replicas serve the version under the customer's
+name, and the placement is recorded. Callers reach only the customer's name, so they are
+never answered by a version that is not ``production``. If any replica fails at any step,
+each goes back to what it served before and the aliases stay as they were. Deploys of one
+customer never overlap (a database lock).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lora_ops import customers, names
@@ -27,6 +30,7 @@ from lora_ops.registry.tags import (
     BASE_MODEL_SHA256_TAG,
     SMOKE_OUTPUT_TAG,
 )
+from lora_ops.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +76,8 @@ def deploy(
     registry: Registry | None = None,
     fleet: Fleet | None = None,
 ) -> DeployOutcome:
-    """Serve ``version`` (or the one under ``alias``) on every replica, then promote it."""
+    """Serve ``version`` (or the one under ``alias``) on the customer's replicas, then
+    promote it."""
     names.check_customer(customer)
     registry = registry or Registry()
     fleet = fleet or Fleet()
@@ -89,23 +94,56 @@ def deploy(
             customer, str(target.version), replicas, triggered_by
         )
         try:
-            for url in replicas:
-                load_and_smoke(fleet, url, customer, target)
+            _switch(fleet, registry, replicas, customer, target, current)
         except ReplicaError as exc:
-            _restore(fleet, replicas, customer, current)
             fleet.db.record_deployment_end(rows, "failed", str(exc))
             raise DeployFailed(
                 f"deploy of adapter-{customer} version {target.version} failed "
                 f"and was rolled back: {exc}"
             ) from None
-        registry.promote_to_production(customer, str(target.version))
         before = fleet.db.placements().get(customer, [])
         fleet.db.place(customer, base_sha256, replicas)
         fleet.db.record_deployment_end(rows, "succeeded", "")
-    _unload_elsewhere(fleet, customer, [url for url in before if url not in replicas])
+    unload(fleet, [url for url in before if url not in replicas], customer)
     previous = None if current is None else str(current.version)
     log.info("adapter-%s version %s serves on %d replicas", customer, target.version, len(replicas))
     return DeployOutcome(customer, str(target.version), previous, replicas)
+
+
+def _switch(
+    fleet: Fleet,
+    registry: Registry,
+    replicas: list[str],
+    customer: str,
+    target: AdapterVersion,
+    current: AdapterVersion | None,
+) -> None:
+    """Move the customer's name on ``replicas`` to ``target`` and ``production`` with it.
+
+    The version is first loaded and smoke-tested under its staged name, which callers
+    cannot reach, so until every replica passed the customer is still answered by the
+    production version. Only then does the alias move and each replica load the version
+    under the customer's name. Should one fail at that last step (it went away just now),
+    the aliases and the replicas go back to what they were.
+
+    Raises:
+        ReplicaError: naming the replica that failed, after everything was put back.
+    """
+    staged = names.staged_name(customer)
+    try:
+        for url in replicas:
+            load_and_smoke(fleet, url, customer, target, name=staged)
+        aliases = registry.get_aliases(customer)
+        registry.promote_to_production(customer, str(target.version))
+        try:
+            for url in replicas:
+                _load(fleet, url, customer, target)
+        except ReplicaError:
+            registry.restore_aliases(customer, aliases)
+            _restore(fleet, replicas, customer, current)
+            raise
+    finally:
+        unload(fleet, replicas, staged)
 
 
 def replicas_for(db: Database, customer: str, base_sha256: str) -> list[str]:
@@ -122,16 +160,20 @@ def replicas_for(db: Database, customer: str, base_sha256: str) -> list[str]:
             f"{base_sha256[:12]}); add one with `lora-ops fleet add URL`"
         )
     customers = {**db.placed_bases(), customer: base_sha256}
-    return place(customers, replicas).replicas_of(customer)
+    k = get_settings().fleet_copies
+    # A hot customer keeps the extra copies the fleet controller gave it.
+    held = [url for url in db.placements().get(customer, []) if url in replicas]
+    copies = {customer: len(held)} if len(held) > k else None
+    return place(customers, replicas, k, copies=copies).replicas_of(customer)
 
 
-def _unload_elsewhere(fleet: Fleet, customer: str, urls: list[str]) -> None:
-    """Unload from replicas that no longer hold the customer (best effort: logged)."""
+def unload(fleet: Fleet, urls: Sequence[str], name: str) -> None:
+    """Unload ``name`` from ``urls`` (best effort: a replica that cannot is logged)."""
     for url in urls:
         try:
-            fleet.unload(url, customer)
+            fleet.unload(url, name)
         except ReplicaError as exc:
-            log.warning("could not unload %s from %s: %s", customer, url, exc.reason)
+            log.warning("could not unload %s from %s: %s", name, url, exc.reason)
 
 
 def rollback(
@@ -164,18 +206,28 @@ def _check_review(db: Database, customer: str, version: AdapterVersion) -> None:
     )
 
 
-def load_and_smoke(fleet: Fleet, url: str, customer: str, version: AdapterVersion) -> None:
-    """Load ``version`` on ``url``; it must answer the smoke prompt as registration recorded."""
+def load_and_smoke(
+    fleet: Fleet, url: str, customer: str, version: AdapterVersion, name: str | None = None
+) -> None:
+    """Load ``version`` on ``url`` (as ``name``, the customer's own by default); it must
+    answer the smoke prompt as registration recorded."""
+    name = name or customer
+    _load(fleet, url, customer, version, name)
+    expected = version.tags.get(SMOKE_OUTPUT_TAG)
+    got = fleet.smoke(url, name)
+    if expected is not None and got != expected:
+        raise ReplicaError(url, f"smoke test answered {got!r}, registration recorded {expected!r}")
+
+
+def _load(
+    fleet: Fleet, url: str, customer: str, version: AdapterVersion, name: str | None = None
+) -> None:
     fleet.load(
         url,
-        customer,
+        name or customer,
         version_uri(customer, str(version.version)),
         version.tags.get(ADAPTER_SHA256_TAG),
     )
-    expected = version.tags.get(SMOKE_OUTPUT_TAG)
-    got = fleet.smoke(url, customer)
-    if expected is not None and got != expected:
-        raise ReplicaError(url, f"smoke test answered {got!r}, registration recorded {expected!r}")
 
 
 def _restore(
@@ -188,11 +240,6 @@ def _restore(
                 if customer in fleet.models(url):
                     fleet.unload(url, customer)
             else:
-                fleet.load(
-                    url,
-                    customer,
-                    version_uri(customer, str(current.version)),
-                    current.tags.get(ADAPTER_SHA256_TAG),
-                )
+                _load(fleet, url, customer, current)
         except ReplicaError as exc:
             log.error("could not restore %s on %s: %s", customer, url, exc.reason)

@@ -21,6 +21,7 @@ from lora_ops.gateway.proxy import Proxy
 from lora_ops.gateway.routes import GatewayState, gateway_of, routes
 from lora_ops.gateway.routing import Router
 from lora_ops.gateway.timing import OverheadClock
+from lora_ops.gateway.traffic import Traffic
 from lora_ops.serving.access import Access, KeyGrant
 from lora_ops.serving.limits import BodyLimit
 
@@ -32,6 +33,7 @@ def create_gateway(
     timeout_s: float = 120.0,
     *,
     load: Load | None = None,
+    traffic: Traffic | None = None,
 ) -> FastAPI:
     """A FastAPI app forwarding OpenAI's API to the replicas ``router`` chooses.
 
@@ -45,16 +47,20 @@ def create_gateway(
         timeout_s: the longest wait for a replica's next byte before it counts as failed;
             an unstreamed answer comes in one piece, so this bounds its whole generation.
         load: in-flight counts to share with the router; a fresh one when None.
+        traffic: requests per model, for whoever decides how many replicas a customer
+            gets (``gateway_of(app).traffic``); a fresh one when None.
 
     The shared HTTP client is opened by the app's lifespan: serve it with uvicorn, or test
     it inside ``with TestClient(app)``.
     """
     load = load or Load()
+    traffic = traffic or Traffic()
     metrics = gateway_metrics(load)
-    proxy = Proxy(router, load, metrics, admin_token, timeout_s)
+    proxy = Proxy(router, load, metrics, admin_token, timeout_s, traffic)
     app = FastAPI(title="lora-ops gateway", version="1", lifespan=_lifespan)
     app.include_router(routes)
-    app.state.gateway = GatewayState(router, Access(admin_token, api_keys), load, metrics, proxy)
+    access = Access(admin_token, api_keys)
+    app.state.gateway = GatewayState(router, access, load, metrics, proxy, traffic)
     app.add_middleware(BodyLimit)
     app.add_middleware(OverheadClock, histogram=metrics.overhead)  # outermost: clock starts first
     add_error_handlers(app)

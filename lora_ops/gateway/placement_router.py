@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from lora_ops.db import ACTIVE, Database
 from lora_ops.gateway.load import Load
-from lora_ops.gateway.routing import StaticRouter
+from lora_ops.gateway.routing import DEFAULT_SPILL_MARGIN, StaticRouter
 
 log = logging.getLogger(__name__)
 BASE_MODEL_NAME = "base"
@@ -35,8 +35,9 @@ class PlacementRouter(StaticRouter):
         cooldown_s: float = 10.0,
         load: Load | None = None,
         clock: Callable[[], float] = time.monotonic,
+        spill_margin: int = DEFAULT_SPILL_MARGIN,
     ) -> None:
-        super().__init__({}, cooldown_s, load, clock)
+        super().__init__({}, cooldown_s, load, clock, spill_margin)
         self.db = db
         self.refresh_s = refresh_s
         self._stop = threading.Event()

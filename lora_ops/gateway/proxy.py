@@ -3,12 +3,15 @@
 A request goes to the router's first candidate. A replica that cannot be reached, times out
 or answers 5xx before anything was relayed is reported and the next candidate tried, once:
 a second retry would mostly double the load on a fleet already in trouble. A 4xx is the
-caller's answer and comes back as it is. Past the first relayed byte nothing is retried; a
+caller's answer and comes back as it is, but for a 404 saying the replica does not hold
+the model: placement moved since the router last read it, so the next candidate is tried
+(and the replica is not blamed). Past the first relayed byte nothing is retried; a
 stream that breaks then ends with an error event (:mod:`~lora_ops.gateway.relay`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -17,10 +20,11 @@ from fastapi.responses import Response
 
 from lora_ops.gateway.errors import unavailable, unknown_model
 from lora_ops.gateway.load import Load
-from lora_ops.gateway.metrics import GatewayMetrics
-from lora_ops.gateway.relay import EmptyStream, Relay, kept_headers
+from lora_ops.gateway.metrics import ADAPTER_HEADER, GatewayMetrics, customer_bucket
+from lora_ops.gateway.relay import EmptyStream, Relay, Settle, kept_headers
 from lora_ops.gateway.routing import Router
 from lora_ops.gateway.timing import Timing, timed
+from lora_ops.gateway.traffic import Traffic
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 2  # the first candidate and one retry
@@ -32,9 +36,25 @@ FAILURES = (httpx.HTTPError, httpx.InvalidURL, EmptyStream)
 
 @dataclass(frozen=True)
 class Failure:
-    """An attempt that may be retried elsewhere: nothing of it reached the caller."""
+    """An attempt that may be retried elsewhere: nothing of it reached the caller.
+
+    ``fallback`` is the replica's own answer when the replica is not at fault (it does not
+    hold the model: placement moved after the router's last read), given to the caller if
+    no other replica answers.
+    """
 
     reason: str
+    fallback: Response | None = None
+
+
+def misplaced(status: int, content: bytes) -> bool:
+    """A replica's 404 saying it does not hold the requested model."""
+    if status != 404:
+        return False
+    try:
+        return bool(json.loads(content)["error"]["code"] == "model_not_found")
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def describe(exc: BaseException) -> str:
@@ -50,6 +70,8 @@ class Proxy:
         metrics: the gateway's counters.
         admin_token: the fleet's admin token, the gateway's credential at every replica.
         timeout_s: the longest wait for a replica's next byte.
+        traffic: hears each request for a model the fleet serves, once however many
+            replicas are tried.
     """
 
     def __init__(
@@ -59,10 +81,12 @@ class Proxy:
         metrics: GatewayMetrics,
         admin_token: str | None,
         timeout_s: float,
+        traffic: Traffic,
     ) -> None:
         self.router = router
         self.load = load
         self.metrics = metrics
+        self.traffic = traffic
         self.headers = {"content-type": "application/json"}
         if admin_token:
             self.headers["authorization"] = f"Bearer {admin_token}"
@@ -89,20 +113,25 @@ class Proxy:
         urls = self.router.candidates(model)[:MAX_ATTEMPTS]
         if not urls:
             return self._nowhere(model)
+        self.traffic.record(model)
         timing.forwarded = True
+        bucket = customer_bucket(model)
         failure = Failure("")
         for attempt, url in enumerate(urls):
             if attempt:
                 self.metrics.retries.inc()
                 log.warning("%s failed (%s); retrying on %s", urls[0], failure.reason, url)
             send = self._send_streamed if stream else self._send_buffered
-            answer = await send(url, path, body, timing)
+            answer = await send(url, path, body, timing, bucket)
             if isinstance(answer, Response):
                 if attempt:
                     self.metrics.failovers.inc()
                 return answer
             failure = answer
-            self.settle(url, "failed", answer.reason)
+            outcome = "failed" if answer.fallback is None else "misplaced"
+            self.settle(url, bucket, outcome, answer.reason)
+        if failure.fallback is not None:
+            return failure.fallback
         self.metrics.unavailable.inc()
         return unavailable(f"no replica could answer for the model {model!r}; try again")
 
@@ -111,12 +140,14 @@ class Proxy:
         # retry a 503 by themselves, which for a misspelt model would only repeat it.
         if model not in self.router.models():
             return unknown_model(model)
+        # Still demand: a customer whose replicas are all failing may need more of them.
+        self.traffic.record(model)
         self.metrics.unavailable.inc()
         return unavailable(f"no replica can serve the model {model!r} now; try again")
 
-    def settle(self, url: str, outcome: str, reason: str = "") -> None:
+    def settle(self, url: str, bucket: str, outcome: str, reason: str = "") -> None:
         """Count an attempt's outcome and tell the router how the replica did."""
-        self.metrics.requests.labels(url, outcome).inc()
+        self.metrics.requests.labels(replica=url, bucket=bucket, outcome=outcome).inc()
         if outcome == "broken":
             self.metrics.broken_streams.inc()
         if outcome in ("failed", "broken"):
@@ -124,14 +155,23 @@ class Proxy:
         elif outcome in ("ok", "client_error"):
             self.router.report(url, True, reason)
 
-    def _answered(self, url: str, status: int) -> None:
+    def _settler(self, bucket: str) -> Settle:
+        """:meth:`settle` for a relay: it knows its replica, not the request's bucket."""
+        return lambda url, outcome, reason: self.settle(url, bucket, outcome, reason)
+
+    def _answered(self, url: str, bucket: str, status: int) -> None:
         if status < 400:
-            self.settle(url, "ok")
+            self.settle(url, bucket, "ok")
         else:
-            self.settle(url, "client_error", f"answered {status}")
+            self.settle(url, bucket, "client_error", f"answered {status}")
+
+    def _heard(self, url: str, headers: httpx.Headers) -> None:
+        """Count a replica's answer that had to load its adapter first."""
+        if headers.get(ADAPTER_HEADER) == "cold":
+            self.metrics.cold_routes.labels(url).inc()
 
     async def _send_buffered(
-        self, url: str, path: str, body: bytes, timing: Timing
+        self, url: str, path: str, body: bytes, timing: Timing, bucket: str
     ) -> Response | Failure:
         self.load.begin(url)
         try:
@@ -142,13 +182,17 @@ class Proxy:
             return Failure(describe(exc))
         finally:
             self.load.end(url)
+        self._heard(url, reply.headers)
         if reply.status_code >= 500:
             return Failure(f"answered {reply.status_code}")
-        self._answered(url, reply.status_code)
-        return Response(reply.content, reply.status_code, headers=kept_headers(reply.headers))
+        answer = Response(reply.content, reply.status_code, headers=kept_headers(reply.headers))
+        if misplaced(reply.status_code, reply.content):
+            return Failure("does not hold the model", answer)
+        self._answered(url, bucket, reply.status_code)
+        return answer
 
     async def _send_streamed(
-        self, url: str, path: str, body: bytes, timing: Timing
+        self, url: str, path: str, body: bytes, timing: Timing, bucket: str
     ) -> Response | Failure:
         http = self._http()
         request = http.build_request("POST", url + path, content=body, headers=self.headers)
@@ -157,13 +201,18 @@ class Proxy:
         relayed = False  # once the relay holds the connection, it closes it
         try:
             reply = await timed(http.send(request, stream=True), timing)
+            self._heard(url, reply.headers)
             if reply.status_code >= 500:
                 return Failure(f"answered {reply.status_code}")
             if reply.status_code != 200:  # a refusal: short, and the caller's answer
                 content = await timed(reply.aread(), timing)
-                self._answered(url, reply.status_code)
-                return Response(content, reply.status_code, headers=kept_headers(reply.headers))
-            relay = Relay(url, reply, timing, self.settle, lambda: self.load.end(url))
+                refusal = Response(content, reply.status_code, headers=kept_headers(reply.headers))
+                if misplaced(reply.status_code, content):
+                    return Failure("does not hold the model", refusal)
+                self._answered(url, bucket, reply.status_code)
+                return refusal
+            settle = self._settler(bucket)
+            relay = Relay(url, reply, timing, settle, lambda: self.load.end(url))
             first = await relay.first_event()
             relayed = True
             return relay.response(first)

@@ -15,11 +15,14 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from lora_ops.gateway.errors import error_event
+from lora_ops.gateway.metrics import ADAPTER_HEADER
 from lora_ops.gateway.timing import Timing, timed_chunks
 
 log = logging.getLogger(__name__)
 Settle = Callable[[str, str, str], None]  # (url, outcome, reason): metrics and the router
-KEPT_HEADERS = ("content-type", "retry-after")  # what a replica's answer keeps on the way back
+# What a replica's answer keeps on the way back; whether the adapter was resident tells a
+# caller why an answer was slow, and nothing a timing would not.
+KEPT_HEADERS = ("content-type", "retry-after", ADAPTER_HEADER)
 BROKEN = "the replica's stream broke off before the answer was complete"
 
 

@@ -24,6 +24,7 @@ from lora_ops.gateway.metrics import GatewayMetrics
 from lora_ops.gateway.proxy import Proxy
 from lora_ops.gateway.routing import Router
 from lora_ops.gateway.timing import Timing
+from lora_ops.gateway.traffic import Traffic
 from lora_ops.serving.access import Access
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for an answer nobody is left to read
@@ -39,6 +40,7 @@ class GatewayState:
     load: Load
     metrics: GatewayMetrics
     proxy: Proxy
+    traffic: Traffic  # requests per model, taken by whoever sizes customers' placement
 
 
 def gateway_of(app: Any) -> GatewayState:

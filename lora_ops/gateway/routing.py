@@ -16,6 +16,9 @@ from lora_ops.gateway.load import Load
 
 log = logging.getLogger(__name__)
 ANY_MODEL = "*"  # a placement key: the replicas for every model not listed by name
+# A few requests more in flight cost a replica little (they join its running batch); an
+# adapter that is not resident costs a load.
+DEFAULT_SPILL_MARGIN = 2
 
 
 class Router(Protocol):
@@ -46,8 +49,11 @@ class StaticRouter:
         placement: model -> replica base URLs, in order of preference; the key
             :data:`ANY_MODEL` gives the replicas of every model not listed.
         cooldown_s: how long a failed replica gets no requests.
-        load: in-flight counts; given, candidates go least loaded first (placement order
-            breaks ties).
+        load: in-flight counts; given, a replica with more than ``spill_margin`` requests
+            in flight above the least busy candidate goes after the others.
+        spill_margin: how much busier than the least busy copy a replica may be and still
+            go first; 0 puts the least busy first, which spreads every customer over all
+            its copies, so each replica's adapter cache holds k times the customers.
         clock: seconds, monotonic; tests pass their own.
     """
 
@@ -57,7 +63,9 @@ class StaticRouter:
         cooldown_s: float = 10.0,
         load: Load | None = None,
         clock: Callable[[], float] = time.monotonic,
+        spill_margin: int = DEFAULT_SPILL_MARGIN,
     ) -> None:
+        self.spill_margin = spill_margin
         self.placement = {
             model: [url.rstrip("/") for url in urls] for model, urls in placement.items()
         }
@@ -69,8 +77,13 @@ class StaticRouter:
     def candidates(self, model: str) -> list[str]:
         urls = self.placement.get(model, self.placement.get(ANY_MODEL, []))
         ready = [url for url in urls if self.in_rotation(url)]
-        if self.load is not None:
-            ready.sort(key=self.load.inflight)  # sort is stable: ties keep placement order
+        if self.load is not None and len(ready) > 1:
+            # Placement order is cache affinity: a customer's traffic kept on its first
+            # replica keeps its adapter resident there. A replica busier than the least
+            # busy by more than the margin goes to the back (sort is stable).
+            inflight = {url: self.load.inflight(url) for url in ready}
+            least = min(inflight.values())
+            ready.sort(key=lambda url: inflight[url] > least + self.spill_margin)
         return ready
 
     def report(self, url: str, ok: bool, reason: str = "") -> None:

@@ -78,7 +78,7 @@ class AdapterCache:
                 adapter that does not fit this base.
             SourceUnavailable: S3 or the registry could not be read.
         """
-        names.check_customer(name)
+        names.check_adapter_name(name)
         self.policy.check(name, source.uri)  # before anything resident is touched
         previous = self.sources.get(name)
         if name in self.resident:
@@ -91,6 +91,15 @@ class AdapterCache:
             else:
                 self.sources[name] = previous  # still loadable from where it was
             raise failed[name]
+
+    def is_resident(self, name: str) -> bool:
+        """Whether adapter ``name`` is in the model now; the one read that needs no lock.
+
+        The HTTP handlers ask it while the step thread may be loading or evicting: a dict
+        lookup is atomic under the GIL, so the answer is from just before or just after
+        such a change, never an error. Good for reporting, not for deciding anything.
+        """
+        return name in self.resident
 
     def unload(self, name: str) -> None:
         if name not in self.sources:

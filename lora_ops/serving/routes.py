@@ -22,13 +22,16 @@ from lora_ops import base_models
 from lora_ops.serving import answers, schemas
 from lora_ops.serving.access import Access, KeyGrant
 from lora_ops.serving.answers import Work
-from lora_ops.serving.engine import AdapterSource, Engine
+from lora_ops.serving.engine import BASE_MODEL_NAME, AdapterSource, Engine
 from lora_ops.serving.errors import ADMIN_RESPONSES, INFERENCE_RESPONSES
 from lora_ops.serving.metrics import ReplicaMetrics
 from lora_ops.serving.requests import ChatCompletionRequest, CompletionRequest
 from lora_ops.serving.streaming import json_or_events, start_stream, submit_all
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for an answer nobody is left to read
+# "resident" or "cold": whether the adapter was in the model when the request arrived. The
+# gateway counts cold answers per replica: routing that made a replica load an adapter.
+ADAPTER_HEADER = "x-lora-ops-adapter"
 requests_log = logging.getLogger("lora_ops.serving.requests")
 
 # -- what the routes share -------------------------------------------------------------------
@@ -160,10 +163,12 @@ async def list_models(grant: CallerGrant, replica: Replica) -> schemas.ModelList
     responses={200: json_or_events(schemas.CompletionResponse), **INFERENCE_RESPONSES},
 )
 async def completions(
-    body: CompletionForCaller, request: Request, replica: Replica
+    body: CompletionForCaller, request: Request, response: Response, replica: Replica
 ) -> Response | dict[str, Any]:
+    residency = _residency(replica.engine, body.model)
     work = await asyncio.to_thread(answers.completion_work, body, replica.engine)
-    return await _respond(replica.engine, work, request, body.user, None)
+    answer = await _respond(replica.engine, work, request, body.user, None)
+    return _marked(answer, response, residency)
 
 
 @inference_routes.post(
@@ -172,10 +177,12 @@ async def completions(
     responses={200: json_or_events(schemas.ChatCompletionResponse), **INFERENCE_RESPONSES},
 )
 async def chat_completions(
-    body: ChatForCaller, request: Request, replica: Replica
+    body: ChatForCaller, request: Request, response: Response, replica: Replica
 ) -> Response | dict[str, Any]:
+    residency = _residency(replica.engine, body.model)
     work = await asyncio.to_thread(answers.chat_work, body, replica.engine)
-    return await _respond(replica.engine, work, request, body.user, body.safety_identifier)
+    answer = await _respond(replica.engine, work, request, body.user, body.safety_identifier)
+    return _marked(answer, response, residency)
 
 
 @admin_routes.post(
@@ -202,6 +209,24 @@ async def prometheus_metrics(replica: Replica) -> Response:
 
 
 # -- answers ---------------------------------------------------------------------------------
+
+
+def _residency(engine: Engine, model: str) -> str | None:
+    """The :data:`ADAPTER_HEADER` value for a request arriving now; None for the base."""
+    if model == BASE_MODEL_NAME:
+        return None
+    return "resident" if engine.cache.is_resident(model) else "cold"
+
+
+def _marked(
+    answer: Response | dict[str, Any], response: Response, residency: str | None
+) -> Response | dict[str, Any]:
+    """``answer`` carrying ``residency``. A body returned as a dict gets the headers of
+    the ``response`` FastAPI handed the route; a response returned whole, its own."""
+    if residency is not None:
+        headers = answer.headers if isinstance(answer, Response) else response.headers
+        headers[ADAPTER_HEADER] = residency
+    return answer
 
 
 async def _respond(

@@ -12,7 +12,7 @@ class LoadLoraAdapterRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    lora_name: str = Field(min_length=1, max_length=63)
+    lora_name: str = Field(min_length=1, max_length=70)  # a customer id, or its staged name
     lora_path: str = Field(min_length=1, max_length=2048)
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
 
@@ -22,7 +22,7 @@ class UnloadLoraAdapterRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    lora_name: str = Field(min_length=1, max_length=63)
+    lora_name: str = Field(min_length=1, max_length=70)  # a customer id, or its staged name
 
 
 # -- responses: documented in the OpenAPI schema, so clients and fuzzers can check them --

@@ -7,7 +7,8 @@ reads there to every caller of that name, so the location is confined:
   and so must each file read from it; with no roots configured local folders are refused;
 - ``s3://`` must be in the replica's own bucket;
 - ``models:/adapter-<customer>/<version>`` (or ``@<alias>``) may only be served under
-  the name ``<customer>``, so one customer's version never answers for another.
+  the name ``<customer>`` (or ``<customer>:staged`` while a deploy smoke-tests it), so one
+  customer's version never answers for another.
 
 Every fetch copies the files into a fresh folder of the engine's own before their
 checksum is taken, so what is verified is exactly what is loaded.
@@ -78,7 +79,7 @@ class SourcePolicy:
                     f"{uri}: expected models:/adapter-<customer>/<version> or @<alias>",
                     field="lora_path",
                 )
-            if match["customer"] != name:
+            if name not in (match["customer"], names.staged_name(match["customer"])):
                 raise InputError(
                     f"{uri} belongs to customer {match['customer']!r} and cannot be "
                     f"served as {name!r}",

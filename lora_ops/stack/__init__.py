@@ -29,7 +29,7 @@ from pathlib import Path
 
 from lora_ops.settings import Settings, get_settings
 from lora_ops.stack import health, processes
-from lora_ops.stack.environment import env_lines, service_env
+from lora_ops.stack.environment import admin_token, env_lines, service_env
 from lora_ops.stack.parts import (
     CLIENT_PARTS,
     PARTS,
@@ -96,6 +96,9 @@ def up(
         (state / folder).mkdir(parents=True, exist_ok=True)
     started: list[str] = []
     with locked(state):
+        # Made now, not with the first replica: `stack env` then exports it, so the replicas,
+        # gateways and deploys a user starts from that shell share it.
+        admin_token(settings, state)
         records = read_records(state)
         wanted = [*SERVICES, *(["worker"] if worker else []), *(["replica"] if replica else [])]
         _check_ports(settings, records, wanted)

@@ -137,6 +137,7 @@ def test_adapter_load_measures_both_sources_and_memory(tiny_base: Path) -> None:
     assert figures["memory"]["rss_max_mb"] >= figures["memory"]["rss_base_mb"] > 0
 
 
+@pytest.mark.long  # make test-slow: a whole retrain run
 def test_pipeline_splits_a_real_run_into_compute_and_the_rest(tiny_base: Path) -> None:
     figures = run_bench(
         "pipeline.py", "--base", str(tiny_base), "--max-steps", "2", "--checkpoint-every", "1"

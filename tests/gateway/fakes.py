@@ -116,17 +116,24 @@ def _chunk(data: bytes) -> bytes:
 
 
 _STREAM_HEAD = (
-    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
-    b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+    "transfer-encoding: chunked\r\nconnection: close\r\n"
 )
 
 
-def stream(events: list[bytes], go: threading.Event | None = None, end: bool = True) -> Script:
-    """Events as a chunked event stream. With ``go``, the first event goes out at once and
-    the rest once ``go`` is set; with ``end`` False the connection drops instead of ending."""
+def stream(
+    events: list[bytes],
+    go: threading.Event | None = None,
+    end: bool = True,
+    headers: dict[str, str] | None = None,
+) -> Script:
+    """Events as a chunked event stream, after ``headers`` too. With ``go``, the first event
+    goes out at once and the rest once ``go`` is set; with ``end`` False the connection
+    drops instead of ending."""
+    head = _STREAM_HEAD + "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
 
     def script(conn: socket.socket, _: Received) -> None:
-        conn.sendall(_STREAM_HEAD)
+        conn.sendall((head + "\r\n").encode())
         for index, event in enumerate(events):
             if index == 1 and go is not None:
                 assert go.wait(timeout=120), "the test never let the stream go on"

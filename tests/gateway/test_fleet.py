@@ -168,7 +168,16 @@ def test_a_killed_replica_is_routed_around(tiny_base: Path, replica: str, tmp_pa
     assert router.failures() == [doomed.url]
     assert sample(text, "lora_ops_gateway_retries_total") == 1
     assert sample(text, "lora_ops_gateway_failovers_total") == 1
-    assert (
-        sample(text, "lora_ops_gateway_requests_total", replica=doomed.url, outcome="failed") == 1
-    )
-    assert sample(text, "lora_ops_gateway_requests_total", replica=replica, outcome="ok") == 5
+    requests = "lora_ops_gateway_requests_total"
+    assert sample(text, requests, replica=doomed.url, bucket="base", outcome="failed") == 1
+    assert sample(text, requests, replica=replica, bucket="base", outcome="ok") == 5
+
+
+def test_a_replica_says_through_the_gateway_that_the_adapter_was_resident(replica: str) -> None:
+    ask = {"model": "acme", "prompt": "Hi", "max_tokens": 2}
+    with TestClient(create_gateway(SpyRouter({"acme": [replica]}), TOKEN, None, 120)) as gateway:
+        reply = gateway.post("/v1/completions", json=ask)
+        text = gateway.get("/metrics").text
+    assert reply.status_code == 200
+    assert reply.headers["x-lora-ops-adapter"] == "resident"  # loaded at start, room for 1,024
+    assert "lora_ops_gateway_cold_routes_total{" not in text

@@ -25,12 +25,15 @@ def db(tmp_path: Path) -> Database:
     return database
 
 
-def test_a_customer_goes_to_its_placed_replicas_least_loaded_first(db: Database) -> None:
+def test_a_customer_goes_to_its_first_placed_replica_until_it_is_busy(db: Database) -> None:
     load = Load()
-    router = PlacementRouter(db, load=load)
+    router = PlacementRouter(db, load=load, spill_margin=1)
+    assert router.candidates("acme") == [B, C]
+    load.begin(B)
     assert router.candidates("acme") == [B, C]
     load.begin(B)
     assert router.candidates("acme") == [C, B]
+    load.end(B)
     load.end(B)
     assert router.candidates("nobody") == []
     assert set(router.models()) == {"acme", "globex", "tiny-llama", "base"}

@@ -120,10 +120,9 @@ def test_a_5xx_is_retried_once_on_the_next_replica() -> None:
             reply = client.post("/v1/completions", json=ASK)
             assert metric(client, "lora_ops_gateway_retries_total") == 1
             assert metric(client, "lora_ops_gateway_failovers_total") == 1
-            failed = metric(
-                client, "lora_ops_gateway_requests_total", replica=sick.url, outcome="failed"
-            )
-            ok = metric(client, "lora_ops_gateway_requests_total", replica=well.url, outcome="ok")
+            requests = "lora_ops_gateway_requests_total"
+            failed = metric(client, requests, replica=sick.url, bucket="c01", outcome="failed")
+            ok = metric(client, requests, replica=well.url, bucket="c01", outcome="ok")
     assert (reply.status_code, reply.json()) == (200, COMPLETION)
     assert [(url, ok) for url, ok, _ in router.reports] == [(sick.url, False), (well.url, True)]
     assert (failed, ok) == (1, 1)
@@ -154,6 +153,37 @@ def test_a_4xx_is_the_callers_answer_and_is_not_retried() -> None:
         assert answered.headers["retry-after"] == "7"
         assert "x-internal" not in answered.headers
     assert router.reports == [(busy.url, True, "answered 429")] * 2
+
+
+NOT_HELD = {"error": {"message": "the model 'acme' does not exist", "code": "model_not_found"}}
+
+
+@pytest.mark.parametrize("body", [ASK, ASK_STREAM], ids=["buffered", "streamed"])
+def test_a_replica_that_no_longer_holds_the_model_passes_it_on(body: dict[str, object]) -> None:
+    # Placement moved after the router's last read: the old replica unloaded the adapter.
+    with (
+        FakeReplica(answer(404, NOT_HELD)) as old,
+        FakeReplica(answer(200, COMPLETION)) as new,
+    ):
+        router = SpyRouter({"acme": [old.url, new.url]})
+        with gateway(router) as client:
+            reply = client.post("/v1/completions", json=body)
+            requests = "lora_ops_gateway_requests_total"
+            moved = metric(client, requests, replica=old.url, bucket="c01", outcome="misplaced")
+        assert len(new.received) == 1
+    assert (reply.status_code, moved) == (200, 1)
+    assert router.failures() == []  # not the replica's fault: it stays in rotation
+
+
+def test_when_no_replica_holds_the_model_the_replicas_404_is_the_answer() -> None:
+    with (
+        FakeReplica(answer(404, NOT_HELD)) as a,
+        FakeReplica(answer(404, NOT_HELD)) as b,
+        gateway(SpyRouter({"acme": [a.url, b.url]})) as client,
+    ):
+        reply = client.post("/v1/completions", json=ASK)
+        assert metric(client, "lora_ops_gateway_unavailable_total") == 0
+    assert (reply.status_code, reply.json()) == (404, NOT_HELD)
 
 
 def test_the_body_goes_on_unchanged_with_the_admin_token_not_the_callers_key() -> None:

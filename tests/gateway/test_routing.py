@@ -56,18 +56,29 @@ def test_every_replica_cooling_leaves_no_candidate() -> None:
     assert not router.in_rotation(A)
 
 
-def test_with_a_load_the_least_busy_goes_first_and_ties_keep_placement_order() -> None:
+def test_placement_order_goes_first_until_a_replica_is_busier_than_the_margin() -> None:
     load = Load()
-    router = StaticRouter({"acme": [A, B, C]}, load=load)
+    router = StaticRouter({"acme": [A, B, C]}, load=load, spill_margin=2)
     assert router.candidates("acme") == [A, B, C]
+    for _ in range(2):
+        load.begin(A)
+    assert router.candidates("acme") == [A, B, C]  # 2 above the least: still first
+    load.begin(A)
+    load.begin(B)
+    assert router.candidates("acme") == [B, C, A]  # 3 above: A spills behind the rest
+    for _ in range(3):
+        load.end(A)
+    assert load.inflight(A) == 0
+    assert router.candidates("acme") == [A, B, C]
+
+
+def test_a_margin_of_zero_is_least_loaded_first() -> None:
+    load = Load()
+    router = StaticRouter({"acme": [A, B, C]}, load=load, spill_margin=0)
     load.begin(A)
     load.begin(A)
     load.begin(B)
-    assert router.candidates("acme") == [C, B, A]
-    load.end(A)
-    load.end(A)
-    assert load.inflight(A) == 0
-    assert router.candidates("acme") == [A, C, B]
+    assert router.candidates("acme") == [C, A, B]  # the busier ones keep placement order
 
 
 def test_load_never_counts_below_zero() -> None:

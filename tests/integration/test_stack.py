@@ -241,7 +241,10 @@ def test_a_recycled_pid_is_never_signalled(own_env: Settings) -> None:
         stranger.wait()
 
 
-def test_status_tells_the_truth_and_down_leaves_nothing(own_env: Settings) -> None:
+def test_status_tells_the_truth_and_down_leaves_nothing(
+    own_env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LORA_OPS_ADMIN_TOKEN", raising=False)  # the stack makes its own
     started = runner.invoke(app, ["stack", "up"])
     assert started.exit_code == 0, started.output
     assert "MLflow UI:  http://127.0.0.1:" in started.output
@@ -251,6 +254,10 @@ def test_status_tells_the_truth_and_down_leaves_nothing(own_env: Settings) -> No
     assert all(alive(pid) for pid in leaders)
     try:
         assert runner.invoke(app, ["stack", "status"]).exit_code == 0
+        # The admin token exists from the start, so `stack env` hands it to what the user
+        # starts next (replicas, a gateway, deploys) and they agree.
+        token = (own_env.state_dir / "admin-token").read_text()
+        assert embedded.service_env()["LORA_OPS_ADMIN_TOKEN"] == token
 
         os.kill(first["s3"] or 0, signal.SIGKILL)  # S3 dies
         assert wait_until(lambda: not alive(first["s3"] or 0))

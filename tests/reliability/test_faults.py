@@ -111,6 +111,7 @@ def test_killed_training_resumes_from_its_checkpoint(stack: Any, tmp_path: Path)
     registry_is_consistent(stack, "umbrella", tmp_path / "check")
 
 
+@pytest.mark.long  # make test-slow; the default run stops S3 during evaluate
 def test_s3_stopped_mid_run_fails_clearly_then_rerun_completes(stack: Any, tmp_path: Path) -> None:
     data = tmp_path / "d.jsonl"
     data.write_text("".join(SAMPLE.read_text().splitlines(keepends=True)[160:200]))

@@ -35,7 +35,7 @@ def test_ready_at_once_then_loads_when_the_registry_answers(
         if answer is not None:
             raise answer
 
-    def load(engine: object, base_model: str) -> list[str]:
+    def load(engine: object, base_model: str, only: set[str] | None = None) -> list[str]:
         events.append(f"loaded for {base_model}")
         return ["acme"]
 

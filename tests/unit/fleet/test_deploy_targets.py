@@ -43,3 +43,14 @@ def test_a_drained_replica_is_not_a_target(db: Database) -> None:
 def test_no_replica_of_the_base_is_a_clear_refusal(db: Database) -> None:
     with pytest.raises(InputError, match="no replica in rotation serves adapter-acme's base"):
         replicas_for(db, "acme", "c" * 64)
+
+
+def test_a_hot_customer_keeps_its_extra_copies(db: Database) -> None:
+    usual = replicas_for(db, "acme", LLAMA)
+    urls = [f"http://10.0.0.1:{port}" for port in range(8001, 8005)]
+    db.place("acme", LLAMA, urls[:3])  # the fleet controller gave it a third copy
+    targets = replicas_for(db, "acme", LLAMA)
+    assert len(set(targets)) == 3
+    assert set(usual) < set(targets)
+    db.place("acme", LLAMA, usual)
+    assert replicas_for(db, "acme", LLAMA) == usual

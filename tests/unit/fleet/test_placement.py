@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections import Counter
 from typing import Any, TypeVar
 
 import pytest
@@ -79,7 +80,28 @@ def test_a_customer_takes_its_first_choices_while_the_cap_does_not_bind() -> Non
     urls = fleet(7)
     placement = place(population(CUSTOMERS), urls)
     for customer in population(CUSTOMERS):
-        assert placement.replicas_of(customer) == preference(customer, urls)[:2]
+        assert set(placement.replicas_of(customer)) == set(preference(customer, urls)[:2])
+
+
+def test_first_copies_are_spread_under_the_cap_too() -> None:
+    # The first copy takes a customer's traffic: left to chance, one replica of three can
+    # lead 10 of 16 customers and thrash an adapter cache of 8 while the others idle.
+    for n_customers in (16, 60, 500):
+        customers = population(n_customers)
+        for n in (2, 3, 5):
+            placement = place(customers, fleet(n))
+            leads = Counter(placement.replicas_of(c)[0] for c in customers)
+            assert max(leads.values()) <= math.ceil(1.25 * n_customers / n)
+            for customer in customers:  # the lead is one of its own copies, others follow
+                mine = placement.replicas_of(customer)
+                rest = [url for url in preference(customer, mine) if url != mine[0]]
+                assert mine[1:] == rest
+
+
+def test_a_lead_under_its_cap_is_the_first_choice() -> None:
+    placement = place(population(30), fleet(3), load_factor=100.0)
+    for customer in population(30):
+        assert placement.replicas_of(customer)[0] == preference(customer, fleet(3))[0]
 
 
 def test_a_base_with_fewer_replicas_than_k_gives_every_replica() -> None:
