@@ -26,9 +26,17 @@ from lora_ops.lora.peft_format import (
     read_adapter_config,
     save_adapter,
 )
-from lora_ops.lora.spec import DEFAULT_TARGETS, LoraSpec
+from lora_ops.lora.spec import ALL_LINEAR, DEFAULT_TARGETS, LoraSpec
+from lora_ops.lora.targets import (
+    ARCHITECTURE_TARGETS,
+    default_targets,
+    resolve_targets,
+    with_default_targets,
+)
 
 __all__ = [
+    "ALL_LINEAR",
+    "ARCHITECTURE_TARGETS",
     "DEFAULT_TARGETS",
     "LoRALinear",
     "LoraSpec",
@@ -39,6 +47,7 @@ __all__ = [
     "adapters_in_use",
     "apply_lora",
     "check_spec_fits",
+    "default_targets",
     "delete_adapter",
     "find_target_modules",
     "load_adapter",
@@ -48,9 +57,11 @@ __all__ = [
     "merge_adapter",
     "read_adapter_config",
     "remove_lora",
+    "resolve_targets",
     "save_adapter",
     "set_adapter",
     "set_row_adapters",
     "trainable_report",
     "unmerge_adapter",
+    "with_default_targets",
 ]

@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 from torch import nn
 
 from lora_ops.errors import InputError
-from lora_ops.lora.layer import LoRALinear, RowGroup
+from lora_ops.lora.layer import QUANTIZED_MERGE, LoRALinear, RowGroup
 from lora_ops.lora.spec import LoraSpec
+from lora_ops.lora.targets import is_linear, linear_shape, model_type_of, resolve_targets
 
 
 @dataclass(frozen=True)
@@ -40,14 +40,15 @@ def matches_target(module_name: str, target: str) -> bool:
 
 
 def find_target_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
-    """Names of the linear layers that ``targets`` pick out, in model order.
+    """Names of the linear layers (``nn.Linear`` or ``Conv1D``) that ``targets`` pick out,
+    in model order.
 
     Raises:
         InputError: a target matches nothing, or matches a module that is not linear.
     """
     linear: list[str] = []
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear | nn.Linear) and not _is_inside_lora(name):
+        if (isinstance(module, LoRALinear) or is_linear(module)) and not _is_inside_lora(name):
             linear.append(name)
     problems = []
     for target in targets:
@@ -61,8 +62,10 @@ def find_target_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
             problems.append(f"{target!r} matches {others[0]} modules, not linear layers")
         else:
             suffixes = sorted({name.rsplit(".", 1)[-1] for name in linear})
+            kind = model_type_of(model) or type(model).__name__
             problems.append(
-                f"{target!r} matches no module; linear layers here end in: {', '.join(suffixes)}"
+                f"{target!r} matches no module; the linear layers of this {kind} model "
+                f"end in: {', '.join(suffixes)}"
             )
     if problems:
         raise InputError("; ".join(problems), field="target_modules")
@@ -82,13 +85,13 @@ def add_adapter_to_modules(
     *,
     initialise: bool = True,
 ) -> None:
-    """Wrap each named nn.Linear in a LoRALinear (once) and add adapter ``adapter`` to it.
+    """Wrap each named linear layer in a LoRALinear (once) and add adapter ``adapter`` to it.
 
     ``initialise=False`` leaves A and B uninitialised, for a caller that fills them next.
     """
     for name in module_names:
         module = model.get_submodule(name)
-        if isinstance(module, nn.Linear):
+        if is_linear(module):
             module = LoRALinear(module)
             _replace_module(model, name, module)
         if not isinstance(module, LoRALinear):
@@ -99,9 +102,14 @@ def add_adapter_to_modules(
 def apply_lora(model: nn.Module, spec: LoraSpec, adapter: str = "default") -> TrainableReport:
     """Add adapter ``adapter`` to every target module and leave only its A and B trainable.
 
+    A spec without targets gets the architecture's defaults, and ``all-linear`` the names
+    of every linear layer but the head (see ``lora.targets``); the layers keep that spec,
+    so a saved adapter names its modules.
+
     Returns:
         The trainable-parameter report (count and percent of the whole model).
     """
+    spec = resolve_targets(model, spec)
     names = check_spec_fits(model, spec)
     if any(adapter in layer.specs for _, layer in lora_layers(model)):
         raise InputError(f"the model already has an adapter named {adapter!r}", field="adapter")
@@ -118,7 +126,7 @@ def check_spec_fits(model: nn.Module, spec: LoraSpec) -> list[str]:
     Raises:
         InputError: naming the field (``target_modules`` or ``r``) and the layer.
     """
-    names = find_target_modules(model, spec.target_modules)
+    names = find_target_modules(model, resolve_targets(model, spec).target_modules)
     _check_rank_fits(model, names, spec.r)
     return names
 
@@ -128,9 +136,7 @@ def _check_rank_fits(model: nn.Module, module_names: Sequence[str], r: int) -> N
     so the extra rows are parameters that train nothing."""
     for name in module_names:
         module = model.get_submodule(name)
-        linear = module.base_layer if isinstance(module, LoRALinear) else module
-        weight = cast(torch.Tensor, linear.weight)  # (d_out, d_in)
-        d_out, d_in = weight.shape
+        d_out, d_in = linear_shape(module.base_layer if isinstance(module, LoRALinear) else module)
         if r > min(d_in, d_out):
             raise InputError(
                 f"{r} is larger than {name}'s smaller side ({d_out} x {d_in}); "
@@ -233,6 +239,8 @@ def merge_adapter(model: nn.Module, adapter: str) -> None:
     layers = [layer for _, layer in lora_layers(model) if adapter in layer.specs]
     if not layers:
         raise InputError(f"no adapter named {adapter!r} on the model", field="adapter")
+    if any(layer.quantized for layer in layers):  # before any layer is merged
+        raise InputError(QUANTIZED_MERGE, field="adapter")
     for layer in layers:
         layer.merge(adapter)
     set_adapter(model, adapter)
@@ -262,7 +270,7 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
 
 
 def remove_lora(model: nn.Module) -> nn.Module:
-    """Put the plain nn.Linear layers back (merged adapters stay in their weights)."""
+    """Put the plain linear layers back (merged adapters stay in their weights)."""
     for name, layer in list(lora_layers(model)):
         _replace_module(model, name, layer.base_layer)
     return model

@@ -1,6 +1,9 @@
-"""LoRALinear: a frozen nn.Linear plus named low-rank adapters, mergeable and row-routable.
+"""LoRALinear: a frozen linear layer plus named low-rank adapters, mergeable and row-routable.
 
 ``h = W0 x + scaling * B (A x)`` with ``A`` (r x d_in) and ``B`` (d_out x r) per adapter.
+The base is an ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2), whose weight is stored
+transposed, (d_in, d_out): PEFT's ``fan_in_fan_out``. A and B keep the same shapes either
+way (so saved files are PEFT's); only merging transposes the update.
 Which adapter a forward uses is set by the routing helpers in ``inject``: one adapter for
 every row, none, or one per batch row (the mixed batch that serving relies on).
 
@@ -23,6 +26,16 @@ from torch.nn import functional as F
 
 from lora_ops.errors import InputError
 from lora_ops.lora.spec import LoraSpec
+from lora_ops.lora.targets import is_conv1d, linear_shape
+
+# Adding B A to 4-bit codes would corrupt them, and re-quantizing the merged weight would
+# round the update away: the adapter is trained against the dequantized weights, and it
+# is the unquantized base it merges into.
+QUANTIZED_MERGE = (
+    "cannot merge into a 4-bit quantized base: its weights are NF4 codes, and adding the "
+    "update then quantizing again would round it away; merge into the unquantized base "
+    "(lora-ops merge loads it in full precision), or serve the adapter unmerged"
+)
 
 
 @dataclass
@@ -68,11 +81,15 @@ class LoRALinear(nn.Module):
     naming, so saving needs only a key prefix. The base weight never gets a gradient.
     """
 
-    def __init__(self, base_layer: nn.Linear) -> None:
+    def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        if not (isinstance(base_layer, nn.Linear) or self.fan_in_fan_out):
+            raise TypeError(
+                f"LoRALinear wraps nn.Linear or Conv1D, got {type(base_layer).__name__}"
+            )
         self.base_layer = base_layer
+        self._d_out, self._d_in = linear_shape(base_layer)
         self.base_layer.requires_grad_(False)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -99,11 +116,21 @@ class LoRALinear(nn.Module):
 
     @property
     def d_in(self) -> int:
-        return self.base_layer.in_features
+        return self._d_in
 
     @property
     def d_out(self) -> int:
-        return self.base_layer.out_features
+        return self._d_out
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """The base layer's weight: (d_out, d_in), or (d_in, d_out) with ``fan_in_fan_out``."""
+        return cast(torch.Tensor, self.base_layer.weight)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the base weight is stored quantized (4-bit NF4 codes), not as floats."""
+        return not self.base_weight.is_floating_point()
 
     def add_adapter(self, name: str, spec: LoraSpec, *, initialise: bool = True) -> None:
         """Add adapter ``name``: A Kaiming-uniform, B zero, so the output is unchanged.
@@ -113,7 +140,7 @@ class LoRALinear(nn.Module):
         """
         if name in self.specs:
             raise InputError(f"adapter {name!r} is already on this layer", field="adapter")
-        device = self.base_layer.weight.device
+        device = self.base_weight.device
         # Built on the meta device, then given memory: no init that would be overwritten.
         lora_a = nn.Linear(self.d_in, spec.r, bias=False, device="meta").to_empty(device=device)
         lora_b = nn.Linear(spec.r, self.d_out, bias=False, device="meta").to_empty(device=device)
@@ -145,17 +172,21 @@ class LoRALinear(nn.Module):
         return cast(nn.Linear, self.lora_B[name]).weight
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """``scaling * B A``, shape (d_out, d_in): what merging adds to the base weight."""
+        """``scaling * B A``: what merging adds to the base weight, in its layout
+        ((d_out, d_in), or (d_in, d_out) for a ``Conv1D``)."""
         self._require(name)
-        return (self.weight_b(name) @ self.weight_a(name)) * self.specs[name].scaling
+        delta = (self.weight_b(name) @ self.weight_a(name)) * self.specs[name].scaling
+        return delta.t() if self.fan_in_fan_out else delta
 
     def merge(self, name: str) -> None:
         """Fold adapter ``name`` into the base weight: zero added latency afterwards."""
         self._require(name)
         if name in self.merged:
             return
+        if self.quantized:
+            raise InputError(QUANTIZED_MERGE, field="adapter")
         with torch.no_grad():
-            weight = self.base_layer.weight
+            weight = self.base_weight
             weight += self.delta_weight(name).to(weight.dtype)
         self.merged.append(name)
 
@@ -164,7 +195,7 @@ class LoRALinear(nn.Module):
         if name not in self.merged:
             raise InputError(f"adapter {name!r} is not merged", field="adapter")
         with torch.no_grad():
-            weight = self.base_layer.weight
+            weight = self.base_weight
             weight -= self.delta_weight(name).to(weight.dtype)
         self.merged.remove(name)
 

@@ -22,6 +22,7 @@ from lora_ops.errors import AdapterMismatchError, InputError
 from lora_ops.lora.inject import add_adapter_to_modules, lora_layers, matches_target
 from lora_ops.lora.layer import LoRALinear
 from lora_ops.lora.spec import LoraSpec
+from lora_ops.lora.targets import is_conv1d, is_linear, linear_shape
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -31,7 +32,6 @@ _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))
 # PEFT features our layer does not implement: refused with their name, never ignored.
 _UNSUPPORTED: dict[str, Any] = {
     "use_dora": False,
-    "fan_in_fan_out": False,
     "bias": "none",
     "lora_bias": False,
     "modules_to_save": None,
@@ -43,15 +43,20 @@ _UNSUPPORTED: dict[str, Any] = {
 }
 
 
-def adapter_config(spec: LoraSpec, base_model_name_or_path: str) -> dict[str, Any]:
-    """The ``adapter_config.json`` PEFT writes for a LoRA with these settings."""
+def adapter_config(
+    spec: LoraSpec, base_model_name_or_path: str, *, fan_in_fan_out: bool = False
+) -> dict[str, Any]:
+    """The ``adapter_config.json`` PEFT writes for a LoRA with these settings.
+
+    ``fan_in_fan_out`` is true for an adapter on ``Conv1D`` layers (GPT-2), as PEFT sets it.
+    """
     return {
         "alpha_pattern": {},
         "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path,
         "bias": "none",
         "exclude_modules": None,
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "inference_mode": True,
         "init_lora_weights": True,
         "layer_replication": None,
@@ -96,13 +101,15 @@ def save_adapter(
     Files are written beside their final names and renamed into place, so a crash never
     leaves a folder whose config and weights disagree.
     """
-    specs = {layer.specs[adapter] for _, layer in lora_layers(model) if adapter in layer.specs}
+    layers = [layer for _, layer in lora_layers(model) if adapter in layer.specs]
+    specs = {layer.specs[adapter] for layer in layers}
     if len(specs) != 1:
         raise InputError(f"adapter {adapter!r} is missing or has mixed settings", field="adapter")
     spec = specs.pop()
     folder.mkdir(parents=True, exist_ok=True)
     tensors = adapter_tensors(model, adapter)
-    config = adapter_config(spec, base_model_name_or_path)
+    fan_in_fan_out = any(layer.fan_in_fan_out for layer in layers)
+    config = adapter_config(spec, base_model_name_or_path, fan_in_fan_out=fan_in_fan_out)
     _write_atomically(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, {"format": "pt"}))
     _write_atomically(
         folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n")
@@ -146,6 +153,8 @@ def read_adapter_config(
         value = raw.get(key, default)
         if value not in (default, None, {}, [], False) or (key == "bias" and value != "none"):
             raise InputError(f"{value!r} is not supported (only {default!r})", file=path, field=key)
+    if not isinstance(raw.get("fan_in_fan_out", False), bool):
+        raise InputError("must be true or false", file=path, field="fan_in_fan_out")
     targets = _target_names(raw.get("target_modules"), module_names, path)
     try:
         spec = LoraSpec(
@@ -163,7 +172,7 @@ def read_adapter_config(
 
 
 def _target_names(targets: Any, module_names: list[str] | None, path: Path) -> tuple[str, ...]:
-    if isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+    if isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
         return tuple(targets)
     if isinstance(targets, str) and module_names is not None:
         try:
@@ -208,10 +217,10 @@ def load_adapter(model: nn.Module, folder: Path, adapter: str = "default") -> Lo
     folder = Path(folder)
     tensors = read_adapter_tensors(folder)
     pairs = _pair_tensors(tensors, folder)
-    spec, _ = read_adapter_config(folder, list(pairs))
+    spec, raw = read_adapter_config(folder, list(pairs))
     if any(adapter in layer.specs for _, layer in lora_layers(model)):
         raise InputError(f"the model already has an adapter named {adapter!r}", field="adapter")
-    _check_fits(model, spec, pairs, folder)
+    _check_fits(model, spec, pairs, folder, fan_in_fan_out=raw.get("fan_in_fan_out") is True)
     add_adapter_to_modules(model, list(pairs), adapter, spec, initialise=False)
     _copy_pairs(model, adapter, pairs)
     return spec
@@ -276,8 +285,11 @@ def _check_fits(
     spec: LoraSpec,
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
     folder: Path,
+    *,
+    fan_in_fan_out: bool,
 ) -> None:
     problems = []
+    conv1d: list[str] = []
     for module_name, (a, b) in pairs.items():
         try:
             module = model.get_submodule(module_name)
@@ -285,10 +297,13 @@ def _check_fits(
             problems.append(f"{module_name}: no such module in the model")
             continue
         base = module.base_layer if isinstance(module, LoRALinear) else module
-        if not isinstance(base, nn.Linear):
+        if not is_linear(base):
             problems.append(f"{module_name}: is {type(base).__name__}, not a linear layer")
             continue
-        want_a, want_b = (spec.r, base.in_features), (base.out_features, spec.r)
+        d_out, d_in = linear_shape(base)
+        if is_conv1d(base):
+            conv1d.append(module_name)
+        want_a, want_b = (spec.r, d_in), (d_out, spec.r)
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             problems.append(
                 f"{module_name}: lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}; "
@@ -296,5 +311,11 @@ def _check_fits(
             )
         if not any(matches_target(module_name, t) for t in spec.target_modules):
             problems.append(f"{module_name}: not among target_modules {list(spec.target_modules)}")
+    # Written true when any target is a Conv1D, as PEFT does. PEFT flips a wrong flag with a
+    # warning; one that disagrees with the layers says the file was made for another model.
+    if fan_in_fan_out and not conv1d:
+        problems.append("fan_in_fan_out is true, but no targeted layer is a Conv1D")
+    elif conv1d and not fan_in_fan_out:
+        problems.append(f"fan_in_fan_out is false, but {min(conv1d)} is a Conv1D (transposed)")
     if problems:
         raise AdapterMismatchError("; ".join(problems), file=folder)

@@ -80,7 +80,7 @@ class AdapterSlots:
         stacks = layer.slot_stacks
         if stacks is not None and stacks.a.shape[-1] >= rank:
             return stacks
-        device = layer.base_layer.weight.device
+        device = layer.base_weight.device
         a = torch.zeros((self.num_slots, layer.d_in, rank), dtype=self.dtype, device=device)
         b = torch.zeros((self.num_slots, rank, layer.d_out), dtype=self.dtype, device=device)
         if stacks is not None:  # a larger rank arrived: keep every slot, pad with zeros

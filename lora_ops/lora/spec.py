@@ -8,7 +8,10 @@ from typing import Any, ClassVar
 
 from lora_ops.errors import InputError
 
+# Llama's attention projections; other architectures' are in ``lora.targets``.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# PEFT's shorthand for every linear layer but the output head.
+ALL_LINEAR = "all-linear"
 
 
 @dataclass(frozen=True)
@@ -20,7 +23,9 @@ class LoraSpec:
         alpha: ``scaling = alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``.
         dropout: dropout probability on the LoRA path (training only).
         target_modules: module-name suffixes that get an adapter (``q_proj`` matches
-            ``model.layers.0.self_attn.q_proj``).
+            ``model.layers.0.self_attn.q_proj``); ``("all-linear",)`` for every linear
+            layer but the output head; empty (the default) for the base architecture's
+            attention projections, filled in when the model is known (``lora.targets``).
         use_rslora: rank-stabilised scaling, https://arxiv.org/abs/2312.03732.
     """
 
@@ -31,7 +36,7 @@ class LoraSpec:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    target_modules: tuple[str, ...] = ()
     use_rslora: bool = False
 
     def __post_init__(self) -> None:
@@ -47,9 +52,11 @@ class LoraSpec:
             raise InputError(f"must be a finite number > 0, got {self.alpha!r}", field="alpha")
         if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
             raise InputError(f"must be in [0, 1), got {self.dropout!r}", field="dropout")
-        if not self.target_modules:
-            raise InputError("needs at least one module name", field="target_modules")
+        if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            raise InputError(f"{ALL_LINEAR!r} stands alone", field="target_modules")
         for name in self.target_modules:
+            if name == ALL_LINEAR:
+                continue
             if (
                 not isinstance(name, str)
                 or not name

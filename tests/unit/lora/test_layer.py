@@ -204,10 +204,10 @@ def test_duplicate_and_unknown_adapters_are_refused(base: nn.Linear) -> None:
         ({"alpha": 0}, "alpha"),
         ({"alpha": math.inf}, "alpha"),
         ({"dropout": 1.0}, "dropout"),
-        ({"target_modules": ()}, "target_modules"),
+        ({"target_modules": ("all-linear", "q_proj")}, "target_modules"),
         ({"target_modules": ("../q_proj",)}, "target_modules"),
     ],
-    ids=["r0", "r-1", "r-float", "alpha0", "alpha-inf", "dropout1", "no-targets", "bad-name"],
+    ids=["r0", "r-1", "r-float", "alpha0", "alpha-inf", "dropout1", "all-linear-and", "bad-name"],
 )
 def test_spec_refuses_bad_values(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(InputError) as info:

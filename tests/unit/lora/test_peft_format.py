@@ -125,7 +125,7 @@ def rewrite_config(folder: Path, **changes: object) -> None:
         ({"lora_alpha": "x"}, "lora_alpha: must be a number"),
         ({"peft_type": "IA3"}, "peft_type is 'IA3', not 'LORA'"),
         ({"use_dora": True}, "use_dora: True is not supported"),
-        ({"fan_in_fan_out": True}, "fan_in_fan_out: True is not supported"),
+        ({"fan_in_fan_out": True}, "fan_in_fan_out is true, but no targeted layer is a Conv1D"),
         ({"bias": "all"}, "bias: 'all' is not supported"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save: ['lm_head'] is not supported"),
         ({"target_modules": ["k_proj"]}, "not among target_modules ['k_proj']"),
