@@ -24,6 +24,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -32,7 +33,13 @@ from transformers import (
 
 from lora_ops.errors import InputError
 from lora_ops.files import replace_folder, sha256_file, staging_folder
-from lora_ops.lora import LoraSpec, check_spec_fits
+from lora_ops.lora import (
+    ALL_LINEAR,
+    LoraSpec,
+    check_spec_fits,
+    resolve_targets,
+    with_default_targets,
+)
 from lora_ops.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -228,13 +235,55 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def load_model(
-    name_or_path: str | Path, device: torch.device | str | None = None
+    name_or_path: str | Path,
+    device: torch.device | str | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    quantize: str | None = None,
 ) -> PreTrainedModel:
-    """Load a base model in fp32 for LoRA (autocast gives bf16 speed on CUDA), eval mode."""
+    """Load a base model for LoRA, in eval mode.
+
+    Args:
+        name_or_path: a catalogue name or a local transformers folder.
+        device: where it goes; CUDA when there is one by default.
+        dtype: its weights' dtype: fp32 by default (autocast gives bf16 speed on CUDA);
+            bf16 halves a large base's memory.
+        quantize: ``"nf4"`` stores its linear layers 4-bit NormalFloat through
+            bitsandbytes (QLoRA), computing in ``dtype``; the output head and norms keep
+            ``dtype``.
+
+    Raises:
+        InputError: ``quantize`` is asked for and bitsandbytes is not installed.
+    """
     folder = resolve_base(name_or_path)
-    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    torch.nn.Module.to(model, torch.device(device) if device else default_device())
+    target = torch.device(device) if device else default_device()
+    model: PreTrainedModel
+    if quantize is not None:
+        model = _load_quantized(folder, target, dtype, quantize)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        torch.nn.Module.to(model, target)
     model.eval()
+    return model
+
+
+def _load_quantized(
+    folder: Path, device: torch.device, dtype: torch.dtype, quantize: str
+) -> PreTrainedModel:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError(
+            f"{quantize} needs bitsandbytes: pip install 'lora-ops[qlora]'", field="quantize"
+        )
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantize,
+        bnb_4bit_use_double_quant=True,  # QLoRA's: the blocks' scales quantized too
+        bnb_4bit_compute_dtype=dtype,
+    )
+    # Quantized as the weights are read: the full-precision base is never held whole.
+    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, quantization_config=quantization, device_map={"": str(device)}
+    )
     return model
 
 
@@ -272,11 +321,14 @@ def model_config(folder: Path) -> Any:
     return AutoConfig.from_pretrained(folder)
 
 
-def check_lora_fits(name_or_path: str | Path, spec: LoraSpec) -> None:
+def check_lora_fits(name_or_path: str | Path, spec: LoraSpec) -> LoraSpec:
     """Refuse a LoRA spec this base cannot take, without reading its weights.
 
     The model is built on the meta device (shapes only, no memory), so a bad target or rank
     is refused before a run prepares data or starts training.
+
+    Returns:
+        ``spec`` with its targets named for this base (see :func:`named_lora_targets`).
 
     Raises:
         InputError: a target matches no linear layer, or the rank exceeds a layer's width.
@@ -285,3 +337,18 @@ def check_lora_fits(name_or_path: str | Path, spec: LoraSpec) -> None:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     check_spec_fits(model, spec)
+    return resolve_targets(model, spec)
+
+
+def named_lora_targets(name_or_path: str | Path, spec: LoraSpec) -> LoraSpec:
+    """``spec`` with the modules it targets on this base named, for records and keys.
+
+    No targets given: the base architecture's attention projections (``lora.targets``),
+    read from its config.json alone. ``all-linear``: the names of every linear layer but
+    the output head, which needs the model built on the meta device.
+    """
+    if not spec.target_modules:
+        return with_default_targets(spec, model_config(resolve_base(name_or_path)).model_type)
+    if spec.target_modules == (ALL_LINEAR,):
+        return check_lora_fits(name_or_path, spec)
+    return spec

@@ -58,7 +58,7 @@ def summed_nll(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     keep = targets != IGNORE_INDEX
     hidden = _final_hidden_states(model, batch)
     if hidden is None:  # a model without a separable decoder: project every position
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**_model_inputs(batch)).logits
         selected = logits[:, :-1, :][keep]
     else:
         output_layer = cast(torch.nn.Module, model.get_output_embeddings())
@@ -75,6 +75,20 @@ def _final_hidden_states(
     decoder = get_decoder()
     if decoder is None or decoder is model:
         return None
-    out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    out = decoder(**_model_inputs(batch))
     hidden: torch.Tensor = out.last_hidden_state  # (batch, seq, d_model), final norm applied
     return hidden
+
+
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The model's keyword arguments: ids, and the attention mask or the position ids.
+
+    A packed batch (``training.packing``) has position ids and no mask. No cache: none is
+    needed for one forward pass, and transformers only reads packed position ids as
+    sequence boundaries when there is none.
+    """
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
+    for name in ("attention_mask", "position_ids"):
+        if name in batch:
+            inputs[name] = batch[name]
+    return inputs
