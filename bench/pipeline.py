@@ -217,7 +217,7 @@ WRAPPED = [
     ("lora_ops.pipeline", "train_candidate", "step:train"),
     ("lora_ops.pipeline", "evaluate_candidate", "step:evaluate"),
     ("lora_ops.pipeline", "register_candidate", "step:register"),
-    ("lora_ops.training.loop", "_optimizer_step", "compute:train_steps"),
+    ("lora_ops.training.loop", "optimizer_step", "compute:train_steps"),
     ("lora_ops.training.loop", "eval_loss", "compute:train_eval"),
     ("lora_ops.pipeline", "evaluate_adapters", "compute:evaluate"),
     ("lora_ops.pipeline", "_services", "client_setup"),

@@ -34,11 +34,12 @@ def retrain(  # noqa: PLR0913 - a flow's parameters are its deployments' API
     auto_deploy: bool = False,
     require_review: bool = False,
     review_timeout_hours: float = Field(72.0, gt=0, le=24 * 30),
+    validation_data_uri: str | None = None,
 ) -> State[dict[str, Any]]:
     """Train, evaluate and register one customer's LoRA adapter; deploy it when asked."""
     logger = get_run_logger()
     names.check_customer(customer)
-    dataset_sha256, key = tasks.check_data(customer, data_uri, base, config)
+    dataset_sha256, key = tasks.check_data(customer, data_uri, base, config, validation_data_uri)
     existing = tasks.find_registered_version(customer, key)
     if existing is not None:
         message = (
@@ -54,7 +55,8 @@ def retrain(  # noqa: PLR0913 - a flow's parameters are its deployments' API
             "dataset_sha256": dataset_sha256,
         }
         return Completed(message=message, data=result, name="No new data")
-    dataset = tasks.prep(customer, data_uri, base, config.max_seq_len, config.eval_fraction)
+    limits = (config.max_seq_len, config.eval_fraction)
+    dataset = tasks.prep(customer, data_uri, base, *limits, validation_data_uri)
     trained = train_where_configured(dataset, config)
     outcome = tasks.evaluate(dataset, trained, min_improvement, production_tolerance)
     version = tasks.register(dataset, trained, outcome, config)

@@ -29,10 +29,22 @@ def retry_unless_bad_input(task: Task[..., Any], task_run: TaskRun, state: State
     name="prep", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_unless_bad_input
 )
 def prep(
-    customer: str, data_uri: str, base: str, max_seq_len: int, eval_fraction: float
+    customer: str,
+    data_uri: str,
+    base: str,
+    max_seq_len: int,
+    eval_fraction: float,
+    validation_data_uri: str | None = None,
 ) -> pipeline.DatasetRef:
     """Check and tokenize the customer's data; store it in S3 by content hash."""
-    return pipeline.prepare_data(customer, data_uri, base, max_seq_len, eval_fraction)
+    return pipeline.prepare_data(
+        customer,
+        data_uri,
+        base,
+        max_seq_len,
+        eval_fraction,
+        validation_data_uri=validation_data_uri,
+    )
 
 
 @task(
@@ -41,9 +53,17 @@ def prep(
     retry_delay_seconds=[2, 10],
     retry_condition_fn=retry_unless_bad_input,
 )
-def check_data(customer: str, data_uri: str, base: str, config: TrainConfig) -> tuple[str, str]:
+def check_data(
+    customer: str,
+    data_uri: str,
+    base: str,
+    config: TrainConfig,
+    validation_data_uri: str | None = None,
+) -> tuple[str, str]:
     """Read and check the data; its sha256 and the run's idempotency key (no tokenizing)."""
-    return pipeline.data_fingerprint(customer, data_uri, base, config)
+    return pipeline.data_fingerprint(
+        customer, data_uri, base, config, validation_data_uri=validation_data_uri
+    )
 
 
 @task(name="find-registered-version", retries=2, retry_delay_seconds=[2, 10])

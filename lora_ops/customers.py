@@ -55,6 +55,11 @@ class CustomerSpec(BaseModel):
     id: str = Field(description="Customer id: 1-63 characters of a-z, 0-9 and '-'.")
     display_name: DisplayName = Field("", description="Shown to people; defaults to the id.")
     data_uri: str = Field(description="The chat JSONL: s3://bucket/key or a local file.")
+    validation_data_uri: str | None = Field(
+        None,
+        description="Held-out chat JSONL (s3:// or a local file) to evaluate on instead of "
+        "a share of the data; None: the share (training.eval_fraction).",
+    )
     base_model: str = Field(DEFAULT_BASE, description="A catalogue name or a local folder.")
     training: dict[str, Any] = Field(
         default_factory=dict,
@@ -116,9 +121,11 @@ class CustomerSpec(BaseModel):
         except InputError as exc:
             raise ValueError(exc.reason) from None
 
-    @field_validator("data_uri")
+    @field_validator("data_uri", "validation_data_uri")
     @classmethod
-    def _check_data_uri(cls, uri: str, info: ValidationInfo) -> str:
+    def _check_data_uri(cls, uri: str | None, info: ValidationInfo) -> str | None:
+        if uri is None:
+            return None
         if uri.startswith("s3://"):
             return _check_s3_file(uri)
         if "://" in uri:
@@ -304,6 +311,7 @@ def retrain_parameters(spec: CustomerSpec) -> dict[str, Any]:
     return {
         "customer": spec.id,
         "data_uri": spec.data_uri,
+        "validation_data_uri": spec.validation_data_uri,
         "base": spec.base_model,
         "config": spec.train_config().model_dump(mode="json"),
         "min_improvement": spec.min_improvement,
@@ -383,6 +391,7 @@ def _columns(spec: CustomerSpec) -> dict[str, Any]:
         "id": spec.id,
         "display_name": spec.display_name,
         "data_uri": spec.data_uri,
+        "validation_data_uri": spec.validation_data_uri,
         "base_model": spec.base_model,
         "training_overrides": json.dumps(spec.training, sort_keys=True),
         "min_improvement": spec.min_improvement,
@@ -400,6 +409,7 @@ def _record(row: Customer) -> CustomerRecord:
         id=row.id,
         display_name=row.display_name,
         data_uri=row.data_uri,
+        validation_data_uri=row.validation_data_uri,
         base_model=row.base_model,
         training=json.loads(row.training_overrides),
         min_improvement=row.min_improvement,

@@ -15,14 +15,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_ops import base_models, data, names
-from lora_ops.config import TrainConfig
+from lora_ops import base_models, data, names, warm_start
+from lora_ops.config import LoraSpec, TrainConfig
 from lora_ops.data import prepared
+from lora_ops.data.examples import paired_sha256
 from lora_ops.defaults import DEFAULT_GATE
-from lora_ops.errors import InputError, LoraOpsError
+from lora_ops.errors import LoraOpsError
 from lora_ops.files import sha256_file
 from lora_ops.fleet import smoke
 from lora_ops.lora import load_adapter
+from lora_ops.prep import DatasetRef, fetch_data, fetch_validation, prepare_data
 from lora_ops.registry import Registry, adapter_tags, idempotency_key
 from lora_ops.registry.tags import (
     ADAPTER_SHA256_TAG,
@@ -35,36 +37,40 @@ from lora_ops.registry.tags import (
     TRAINING_DONE,
     TRAINING_DONE_TAG,
     TRAINING_STEPS_TAG,
+    WARM_START_TAG,
+    WARM_START_VERSION_RUN_TAG,
+    WARM_START_VERSION_TAG,
 )
 from lora_ops.settings import Settings, get_settings
 from lora_ops.storage import Storage
 from lora_ops.training.evaluate import evaluate_adapters, perplexity
 from lora_ops.training.gate import GateDecision, decide_gate
 from lora_ops.training.loop import TrainingJob, train_adapter
+from lora_ops.training.memory import load_training_base
 from lora_ops.training.report import gate_markdown
 from lora_ops.training.run_log import MlflowTrainingLog
 
 log = logging.getLogger(__name__)
 
-PROMPTS_FILE = "prompts.json"
-SAMPLE_PROMPTS = 4
+__all__ = [
+    "DatasetRef",
+    "EvalOutcome",
+    "GateFailed",
+    "TrainedRef",
+    "data_fingerprint",
+    "evaluate_candidate",
+    "existing_version",
+    "fetch_data",
+    "finished_training",
+    "prepare_data",
+    "register_candidate",
+    "run_key",
+    "train_candidate",
+]
 
 
 class GateFailed(LoraOpsError):
     """The candidate did not pass the evaluation gate; nothing was registered."""
-
-
-@dataclass(frozen=True)
-class DatasetRef:
-    """A prepared dataset in S3."""
-
-    customer: str
-    sha256: str
-    uri: str  # s3:// prefix of the tokenized folder
-    prompts_uri: str
-    base: str
-    train_size: int
-    eval_size: int
 
 
 @dataclass(frozen=True)
@@ -76,74 +82,12 @@ class TrainedRef:
     base_sha256: str
     steps: int
     reused: bool
+    warm_start_version: str | None = None  # the production version training began from
 
 
 def _services(settings: Settings | None) -> tuple[Settings, Storage, Registry]:
     settings = settings or get_settings()
     return settings, Storage.from_settings(settings), Registry(settings.mlflow_tracking_uri)
-
-
-def fetch_data(data_uri: str, dst: Path, storage: Storage) -> Path:
-    """A local copy of the customer's JSONL: the path itself, or a download of s3://."""
-    if data_uri.startswith("s3://"):
-        local = dst / "data.jsonl"
-        storage.download_file(data_uri, local)
-        return local
-    path = Path(data_uri).expanduser()
-    if not path.is_file():
-        raise InputError("no such file", file=data_uri, field="data_uri")
-    return path
-
-
-def prepare_data(
-    customer: str,
-    data_uri: str,
-    base: str,
-    max_seq_len: int,
-    eval_fraction: float,
-    settings: Settings | None = None,
-) -> DatasetRef:
-    """Check and tokenize the data; store it under ``datasets/<customer>/<sha256>/``.
-
-    The same content (whatever its file name or JSON formatting) maps to the same folder
-    and is reused. Bad data raises before anything is written.
-    """
-    names.check_customer(customer)
-    settings, storage, _ = _services(settings)
-    folder = base_models.resolve_base(base)
-    tokenizer = base_models.load_tokenizer(folder)
-    with tempfile.TemporaryDirectory() as work:
-        local = fetch_data(data_uri, Path(work), storage)
-        dataset = data.prepare_dataset(
-            local, tokenizer, max_seq_len=max_seq_len, eval_fraction=eval_fraction, source=data_uri
-        )
-        root = names.s3_uri(settings.bucket, names.dataset_prefix(customer, dataset.sha256))
-        tokenized_uri = f"{root}tokenized-{base_models.base_sha256(folder)[:12]}-{max_seq_len}/"
-        prompts_uri = root + PROMPTS_FILE
-        if storage.exists(tokenized_uri + "MANIFEST.json") and storage.exists(prompts_uri):
-            log.info("dataset %s already prepared at %s: reusing it", dataset.sha256, root)
-        else:
-            prepared.save_prepared(dataset, Path(work) / "prepared")
-            storage.write_json(prompts_uri, _sample_prompts(local, eval_fraction))
-            storage.upload_dir(Path(work) / "prepared", tokenized_uri, progress=False)
-    return DatasetRef(
-        customer=customer,
-        sha256=dataset.sha256,
-        uri=tokenized_uri,
-        prompts_uri=prompts_uri,
-        base=base_models.base_name(folder),
-        train_size=len(dataset.train),
-        eval_size=len(dataset.eval),
-    )
-
-
-def _sample_prompts(path: Path, eval_fraction: float) -> list[dict[str, Any]]:
-    _, held_out = data.split_examples(data.read_examples(path), eval_fraction)
-    return [
-        {"messages": data.prompt_of(e), "reference": data.reference_reply(e)}
-        | ({"tools": list(e.tools)} if e.tools else {})
-        for e in held_out[:SAMPLE_PROMPTS]
-    ]
 
 
 def data_fingerprint(
@@ -152,6 +96,7 @@ def data_fingerprint(
     base: str,
     config: TrainConfig,
     settings: Settings | None = None,
+    validation_data_uri: str | None = None,
 ) -> tuple[str, str]:
     """(dataset sha256, idempotency key) of the customer's data as it is now.
 
@@ -161,17 +106,27 @@ def data_fingerprint(
     names.check_customer(customer)
     _, storage, _ = _services(settings)
     folder = base_models.resolve_base(base)
-    base_models.check_lora_fits(folder, config.lora)  # before anything is prepared or trained
+    # Checked before anything is prepared or trained; the key names the modules trained.
+    config = _with_lora(config, base_models.check_lora_fits(folder, config.lora))
     base_sha = base_models.base_sha256(folder)
     with tempfile.TemporaryDirectory() as work:
         sha256 = data.dataset_sha256(fetch_data(data_uri, Path(work), storage))
+        validation = fetch_validation(validation_data_uri, Path(work), storage)
+        if validation is not None:
+            sha256 = paired_sha256(sha256, data.dataset_sha256(validation))
     return sha256, idempotency_key(base_sha, sha256, config)
 
 
 def run_key(dataset: DatasetRef, config: TrainConfig) -> tuple[str, str]:
     """(idempotency key, base sha256) of training ``dataset`` with ``config``."""
-    base_sha = base_models.base_sha256(base_models.resolve_base(dataset.base))
+    folder = base_models.resolve_base(dataset.base)
+    base_sha = base_models.base_sha256(folder)
+    config = _with_lora(config, base_models.named_lora_targets(folder, config.lora))
     return idempotency_key(base_sha, dataset.sha256, config), base_sha
+
+
+def _with_lora(config: TrainConfig, lora: LoraSpec) -> TrainConfig:
+    return config if lora == config.lora else config.model_copy(update={"lora": lora})
 
 
 def existing_version(customer: str, key: str, settings: Settings | None = None) -> str | None:
@@ -190,29 +145,45 @@ def train_candidate(
     """Train (or resume, or reuse) the candidate adapter for ``dataset`` as an MLflow run.
 
     A run with the same key whose training finished is reused as is; one that was cut off
-    resumes from its newest checkpoint in ``checkpoints/<customer>/<run>/``.
+    resumes from its newest checkpoint in ``checkpoints/<customer>/<run>/``. With
+    ``config.warm_start`` training begins from the production adapter, checked to fit
+    before any run is started.
+
+    Raises:
+        InputError: a warm start without a production version, or from one that does not fit.
     """
     settings, storage, registry = _services(settings)
+    # The run's parameters name the modules trained, not "the base's defaults".
+    config = _with_lora(config, base_models.named_lora_targets(dataset.base, config.lora))
     key, base_sha = run_key(dataset, config)
     run = registry.find_run(dataset.customer, key)
     if run is not None and run.tags.get(TRAINING_DONE_TAG) == TRAINING_DONE:
         log.info("training run %s for this data and config is finished: reusing it", run.run_id)
-        return TrainedRef(run.run_id, key, base_sha, 0, reused=True)
-    if run is None:
-        run_id = registry.start_run(dataset.customer, tags={IDEMPOTENCY_KEY_TAG: key})
-        registry.log_params(run_id, _run_params(dataset, config, base_sha))
-    else:
-        run_id = run.run_id
-        log.info("resuming training run %s", run_id)
-    checkpoints_uri = names.s3_uri(
-        settings.bucket, names.checkpoint_prefix(dataset.customer, run_id)
-    )
-    training_log = MlflowTrainingLog(registry, storage, run_id, checkpoints_uri, dataset.customer)
-    steps = _train_logged(dataset, config, key, storage, training_log, progress)
+        warm_from = run.tags.get(WARM_START_VERSION_RUN_TAG)
+        return TrainedRef(run.run_id, key, base_sha, 0, reused=True, warm_start_version=warm_from)
+    with tempfile.TemporaryDirectory() as scratch:
+        warm = None
+        if config.warm_start is not None:
+            warm = warm_start.fetch_production(
+                registry, dataset.customer, base_sha, config.lora, Path(scratch)
+            )
+        if run is None:
+            run_id = registry.start_run(dataset.customer, tags={IDEMPOTENCY_KEY_TAG: key})
+            registry.log_params(run_id, _run_params(dataset, config, base_sha, warm))
+            if warm is not None:
+                registry.set_tag(run_id, WARM_START_VERSION_RUN_TAG, warm.version)
+        else:
+            run_id = run.run_id
+            log.info("resuming training run %s", run_id)
+        uri = names.s3_uri(settings.bucket, names.checkpoint_prefix(dataset.customer, run_id))
+        training_log = MlflowTrainingLog(registry, storage, run_id, uri, dataset.customer)
+        initial = warm.adapter_dir if warm is not None else None
+        steps = _train_logged(dataset, config, key, storage, training_log, progress, initial)
     registry.set_tag(run_id, TRAINING_STEPS_TAG, str(steps))
     registry.set_tag(run_id, TRAINING_DONE_TAG, TRAINING_DONE)
     registry.end_run(run_id, "FINISHED")
-    return TrainedRef(run_id, key, base_sha, steps, reused=False)
+    warm_from = warm.version if warm is not None else None
+    return TrainedRef(run_id, key, base_sha, steps, reused=False, warm_start_version=warm_from)
 
 
 def _train_logged(
@@ -222,15 +193,17 @@ def _train_logged(
     storage: Storage,
     training_log: MlflowTrainingLog,
     progress: bool,
+    initial_adapter: Path | None = None,
 ) -> int:
-    """Train in a scratch folder from the run's newest checkpoint; returns the step count."""
+    """Train in a scratch folder from the run's newest checkpoint (or ``initial_adapter``'s
+    weights, when there is none); returns the step count."""
     with tempfile.TemporaryDirectory() as work_dir:
         work = Path(work_dir)
         storage.download_dir(dataset.uri, work / "dataset")
         examples = prepared.load_prepared(work / "dataset")
         training_log.download_latest_checkpoint(work / "checkpoints")
         tokenizer = base_models.load_tokenizer(dataset.base)
-        model = base_models.load_model(dataset.base)
+        model = load_training_base(dataset.base, config)
         job = TrainingJob(
             model=model,
             train_examples=examples.train,
@@ -244,6 +217,7 @@ def _train_logged(
             run_key=key,
             hooks=training_log,
             progress=progress,
+            initial_adapter=initial_adapter,
         )
         result = train_adapter(job)
         training_log.finish(result)
@@ -267,11 +241,20 @@ def finished_training(
             f"and this config (idempotency key {key[:12]})"
         )
     steps = int(run.tags.get(TRAINING_STEPS_TAG, "0"))
-    return TrainedRef(run.run_id, key, base_sha, steps, reused=False)
+    warm_from = run.tags.get(WARM_START_VERSION_RUN_TAG)
+    return TrainedRef(run.run_id, key, base_sha, steps, reused=False, warm_start_version=warm_from)
 
 
-def _run_params(dataset: DatasetRef, config: TrainConfig, base_sha: str) -> dict[str, Any]:
-    return {
+def _run_params(
+    dataset: DatasetRef, config: TrainConfig, base_sha: str, warm: warm_start.WarmStart | None
+) -> dict[str, Any]:
+    # What "auto" and the validation file became, beside what was asked for.
+    resolved: dict[str, Any] = {"epochs_resolved": config.epochs_for(dataset.train_size)}
+    if dataset.validation_data_uri is not None:
+        resolved["validation_data_uri"] = dataset.validation_data_uri
+    if warm is not None:
+        resolved["warm_start_version"] = warm.version
+    return resolved | {
         **config.model_dump(mode="json"),
         "customer": dataset.customer,
         "base_model": dataset.base,
@@ -390,11 +373,14 @@ def register_candidate(
         base_model=dataset.base,
         base_model_sha256=trained.base_sha256,
         dataset_sha256=dataset.sha256,
-        lora=config.lora,
+        lora=base_models.named_lora_targets(dataset.base, config.lora),
         eval_loss=outcome.gate.candidate_loss,
         base_eval_loss=outcome.gate.base_loss,
         gate_passed=True,
     )
+    if trained.warm_start_version is not None:
+        tags[WARM_START_TAG] = names.PRODUCTION
+        tags[WARM_START_VERSION_TAG] = trained.warm_start_version
     with tempfile.TemporaryDirectory() as work:
         adapter_dir = registry.download_run_artifacts(trained.run_id, "adapter", Path(work))
         # What deploys check: the weights' checksum, and the answer to the smoke prompt.

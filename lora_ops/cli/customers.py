@@ -17,6 +17,14 @@ customers_app = typer.Typer(
 CustomerId = Annotated[str, typer.Argument(help="Customer id: a-z, 0-9 and '-', up to 63.")]
 Name = Annotated[str | None, typer.Option("--name", help="Display name (default: the id).")]
 Data = Annotated[str | None, typer.Option("--data", help="Chat JSONL: a local file or s3://.")]
+ValidationData = Annotated[
+    str | None,
+    typer.Option(
+        "--validation-data",
+        help="Held-out chat JSONL (local or s3://), checked like --data, evaluated on "
+        "instead of a share of the data.",
+    ),
+]
 Base = Annotated[str | None, typer.Option("--base", help="Catalogue name or a model folder.")]
 MinImprovement = Annotated[
     float | None, typer.Option(help="Relative eval-loss gain over the base needed to pass.")
@@ -42,7 +50,12 @@ Active = Annotated[
 
 def _fields(**given: Any) -> dict[str, Any]:
     """The record fields among ``given`` that were set (None: not given)."""
-    renamed = {"name": "display_name", "data": "data_uri", "base": "base_model"}
+    renamed = {
+        "name": "display_name",
+        "data": "data_uri",
+        "validation_data": "validation_data_uri",
+        "base": "base_model",
+    }
     return {renamed.get(key, key): value for key, value in given.items() if value is not None}
 
 
@@ -53,6 +66,7 @@ def customers_add(
     data: Annotated[str, typer.Option("--data", help="Chat JSONL: a local file or s3://.")],
     name: Name = None,
     base: Base = None,
+    validation_data: ValidationData = None,
     *,
     training: TrainingOverrides,
     min_improvement: MinImprovement = None,
@@ -75,6 +89,7 @@ def customers_add(
     fields = _fields(
         name=name,
         data=data,
+        validation_data=validation_data,
         base=base,
         min_improvement=min_improvement,
         production_tolerance=production_tolerance,
@@ -97,7 +112,12 @@ def customers_update(
     name: Name = None,
     data: Data = None,
     base: Base = None,
+    validation_data: ValidationData = None,
     *,
+    no_validation_data: Annotated[
+        bool,
+        typer.Option("--no-validation-data", help="Hold out a share of the data again."),
+    ] = False,
     training: TrainingOverrides,
     min_improvement: MinImprovement = None,
     production_tolerance: ProductionTolerance = None,
@@ -114,9 +134,14 @@ def customers_update(
 
     if schedule is not None and no_schedule:
         raise InputError("give --schedule or --no-schedule, not both", field="schedule")
+    if validation_data is not None and no_validation_data:
+        raise InputError(
+            "give --validation-data or --no-validation-data, not both", field="validation_data_uri"
+        )
     changes = _fields(
         name=name,
         data=data,
+        validation_data=validation_data,
         base=base,
         min_improvement=min_improvement,
         production_tolerance=production_tolerance,
@@ -130,11 +155,14 @@ def customers_update(
         changes["training"] = training
     if no_schedule:
         changes["schedule"] = None
+    if no_validation_data:
+        changes["validation_data_uri"] = None
     if not changes:
         raise InputError("nothing to change: give at least one option", field="options")
     record = customers.update(customer, **changes)
     out.print(f"updated {record.id}: {', '.join(sorted(changes))}")
-    if {"schedule", "timezone", "active", "training", "data_uri"} & set(changes):
+    synced = {"schedule", "timezone", "active", "training", "data_uri", "validation_data_uri"}
+    if synced & set(changes):
         out.print("run `lora-ops schedule sync` to bring its Prefect deployment up to date")
 
 

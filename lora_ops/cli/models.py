@@ -80,14 +80,27 @@ def train(
     out_dir: Annotated[Path, typer.Option("--out", help="Adapter folder to write.")],
     training: TrainingOverrides,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint.")] = False,
+    validation_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--validation-data",
+            help="JSONL file of held-out examples, instead of a share of --data.",
+        ),
+    ] = None,
 ) -> None:
     """Train a LoRA adapter locally (no servers) and write it in PEFT's format."""
-    from lora_ops.training.loop import train_from_files
+    from lora_ops.training.local import train_from_files
 
     config = train_config(training)
-    result = train_from_files(base, data, config, out_dir, resume=resume)
+    result = train_from_files(
+        base, data, config, out_dir, resume=resume, validation_path=validation_data
+    )
     out.print(f"base eval loss    {result.base_eval_loss:.4f}")
     out.print(f"adapted eval loss {result.eval_loss:.4f}")
+    if result.best_step is not None:
+        out.print(
+            f"kept step {result.best_step} (last step's eval loss {result.last_eval_loss:.4f})"
+        )
     out.print(f"{result.steps} steps, {result.tokens_per_second:.0f} tokens/s")
     print(result.adapter_dir)  # noqa: T201 - last line: the adapter folder
 

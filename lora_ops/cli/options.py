@@ -32,6 +32,12 @@ def _module_names(value: str) -> list[str]:
     return [name.strip() for name in value.split(",") if name.strip()]
 
 
+def _epochs(value: Any) -> Any:
+    """A count of passes as a number, "auto" as it is; anything else reaches the check."""
+    text = str(value).strip()
+    return int(text) if text.isdigit() else text
+
+
 @dataclass(frozen=True)
 class TrainingOption:
     """One option: its flag, where its value goes in TrainConfig, and TrainConfig's default."""
@@ -57,22 +63,84 @@ TRAINING_OPTIONS: tuple[TrainingOption, ...] = (
         "--target-modules",
         "lora.target_modules",
         str,
-        "q_proj,k_proj,v_proj,o_proj",
-        "Comma-separated module-name suffixes.",
+        None,
+        "Comma-separated module-name suffixes, or all-linear (every linear layer but the "
+        "output head). Default: the base architecture's attention projections.",
         parse=_module_names,
     ),
     TrainingOption(
         "--rslora/--no-rslora", "lora.use_rslora", bool, False, "Scale by alpha/sqrt(r)."
     ),
     TrainingOption("--lr", "learning_rate", float, 2e-4, "Peak learning rate."),
-    TrainingOption("--epochs", "epochs", int, 1, "Passes over the data."),
+    TrainingOption(
+        "--epochs",
+        "epochs",
+        str,
+        1,
+        "Passes over the data, or auto: from the example count, as OpenAI's fine-tuning "
+        "picks them (3; up to 25 for under 34 examples; fewer past 8,333).",
+        parse=_epochs,
+    ),
     TrainingOption("--max-steps", "max_steps", int, None, "Stop after N steps."),
     TrainingOption("--batch-size", "batch_size", int, 8, "Examples per micro-batch."),
     TrainingOption("--grad-accum", "grad_accum", int, 1, "Micro-batches per step."),
     TrainingOption("--max-seq-len", "max_seq_len", int, 512, "Longest example in tokens."),
+    TrainingOption(
+        "--packing/--no-packing",
+        "packing",
+        bool,
+        False,
+        "Pack short examples into rows of up to --max-seq-len tokens, attention kept inside "
+        "each example; --batch-size then counts rows.",
+    ),
+    TrainingOption(
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        "gradient_checkpointing",
+        bool,
+        False,
+        "Recompute activations in the backward pass: less memory, more time.",
+    ),
+    TrainingOption(
+        "--base-dtype",
+        "base_dtype",
+        str,
+        "auto",
+        "The frozen base's weights: auto (bfloat16 on CUDA, float32 elsewhere), float32 or "
+        "bfloat16. LoRA weights and optimizer state stay float32.",
+    ),
+    TrainingOption(
+        "--quantize",
+        "quantize",
+        str,
+        None,
+        "nf4: hold the frozen base in 4-bit NF4 (QLoRA; pip install 'lora-ops[qlora]').",
+    ),
     TrainingOption("--seed", "seed", int, 0, "Random seed."),
     TrainingOption(
         "--checkpoint-every", "checkpoint_every", int, None, "Checkpoint every N steps."
+    ),
+    TrainingOption(
+        "--eval-every",
+        "eval_every",
+        int,
+        None,
+        "Held-out loss every N steps (and after the last); the best-scoring weights, not "
+        "the last, become the adapter.",
+    ),
+    TrainingOption(
+        "--early-stopping-patience",
+        "early_stopping_patience",
+        int,
+        None,
+        "Stop after P held-out evaluations without improvement (needs --eval-every).",
+    ),
+    TrainingOption(
+        "--warm-start",
+        "warm_start",
+        str,
+        None,
+        "production: start from the customer's production adapter (same base and LoRA "
+        "shape), for incremental data.",
     ),
 )
 

@@ -36,6 +36,14 @@ def pipeline_run(
     base: Annotated[
         str | None, typer.Option("--base", help="Base model (default: the record's).")
     ] = None,
+    validation_data: Annotated[
+        str | None,
+        typer.Option(
+            "--validation-data",
+            help="Held-out JSONL path or s3://bucket/key, evaluated on instead of a share "
+            "of the data (default: the record's).",
+        ),
+    ] = None,
     *,
     training: TrainingOverrides,
     min_improvement: Annotated[
@@ -63,6 +71,7 @@ def pipeline_run(
     names.check_customer(customer)
     given = {
         "data_uri": _absolute(data),
+        "validation_data_uri": _absolute(validation_data),
         "base": base,
         "min_improvement": min_improvement,
         "production_tolerance": production_tolerance,

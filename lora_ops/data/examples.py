@@ -353,6 +353,15 @@ def content_sha256(examples: Iterable[Example]) -> str:
     return digest.hexdigest()
 
 
+def paired_sha256(train_sha256: str, validation_sha256: str) -> str:
+    """The hash of a training file trained with a separate validation file: both contents.
+
+    The pair, not the training file alone, names the prepared dataset and keys retraining,
+    so a changed validation file is new data too.
+    """
+    return hashlib.sha256(f"{train_sha256}\nvalidation {validation_sha256}".encode()).hexdigest()
+
+
 # ---------------------------------------------------------------------------- turns
 
 

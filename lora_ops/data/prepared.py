@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_ops.data.examples import DataError, content_sha256, json_type_name
+from lora_ops.data.examples import DataError, content_sha256, json_type_name, paired_sha256
 from lora_ops.data.split import check_eval_fraction, split_examples
 from lora_ops.data.tokenize import IGNORE_INDEX, TokenizedExample
 from lora_ops.data.validation import MIN_EXAMPLES, check_file
@@ -52,8 +52,13 @@ def prepare_dataset(
     min_examples: int = MIN_EXAMPLES,
     *,
     source: str | None = None,
+    validation_path: Path | None = None,
 ) -> PreparedDataset:
     """Validate, tokenize, mask and split a data file; nothing is truncated.
+
+    With ``validation_path`` nothing is split: every example of ``path`` trains, every
+    example of the validation file (checked exactly as the training file is) is held out,
+    and the dataset's hash covers both files.
 
     Args:
         path: The local JSONL file.
@@ -62,21 +67,31 @@ def prepare_dataset(
         eval_fraction: Share of examples held out for evaluation, in (0, 1).
         min_examples: Fewest valid examples the file must hold.
         source: Where the file came from (an s3:// URI) if not ``path`` itself.
+        validation_path: A local JSONL file of held-out examples, instead of a split.
 
     Raises:
-        DataError: Listing every problem in the file, too-long examples included.
+        DataError: Listing every problem in the file(s), too-long examples included.
         InputError: eval_fraction is out of range.
     """
     check_eval_fraction(eval_fraction)
     examples, tokenized, problems = check_file(path, tokenizer, max_seq_len, min_examples)
-    if problems:
-        raise DataError(problems, path)
-    by_line = {item.line: item for item in tokenized}
-    train, held_out = split_examples(examples, eval_fraction)
+    if validation_path is None:
+        if problems:
+            raise DataError(problems, path)
+        by_line = {item.line: item for item in tokenized}
+        train, held_out = split_examples(examples, eval_fraction)
+        train_items = [by_line[e.line] for e in train]
+        eval_items = [by_line[e.line] for e in held_out]
+        sha256 = content_sha256(examples)
+    else:
+        held, eval_items, more = check_file(validation_path, tokenizer, max_seq_len, min_examples)
+        _refuse_either(path, problems, validation_path, more)
+        train_items = tokenized
+        sha256 = paired_sha256(content_sha256(examples), content_sha256(held))
     dataset = PreparedDataset(
-        train=[by_line[e.line] for e in train],
-        eval=[by_line[e.line] for e in held_out],
-        sha256=content_sha256(examples),
+        train=train_items,
+        eval=eval_items,
+        sha256=sha256,
         source=source or str(path),
         max_seq_len=max_seq_len,
     )
@@ -88,6 +103,15 @@ def prepare_dataset(
         dataset.sha256,
     )
     return dataset
+
+
+def _refuse_either(
+    path: Path, problems: list[InputError], validation: Path, more: list[InputError]
+) -> None:
+    """Raise every problem of both files; the error names the one file at fault, if one."""
+    if problems or more:
+        at_fault = path if not more else validation if not problems else None
+        raise DataError(problems + more, at_fault)
 
 
 # ---------------------------------------------------------------------------- on disk

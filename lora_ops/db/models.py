@@ -67,6 +67,7 @@ class Customer(Base):
     id: Mapped[str] = mapped_column(String(63), primary_key=True)
     display_name: Mapped[str] = mapped_column(String(200))
     data_uri: Mapped[str] = mapped_column(Text)
+    validation_data_uri: Mapped[str | None] = mapped_column(Text, nullable=True)
     base_model: Mapped[str] = mapped_column(String(512))
     training_overrides: Mapped[str] = mapped_column(Text, default="{}")  # a JSON object
     min_improvement: Mapped[float] = mapped_column(Float, default=DEFAULT_GATE.min_improvement)

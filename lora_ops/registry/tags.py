@@ -30,6 +30,8 @@ GATE_VALUES = (GATE_PASSED, GATE_FAILED)
 TRAINING_DONE_TAG = "lora_ops.training"  # TRAINING_DONE once the run's training finished
 TRAINING_DONE = "done"
 TRAINING_STEPS_TAG = "lora_ops.training_steps"  # optimizer steps the training took
+# The production version a warm-started run began from (see lora_ops.warm_start).
+WARM_START_VERSION_RUN_TAG = "lora_ops.warm_start_version"
 GATE_REASON_TAG = "gate_reason"  # the gate's one-line why
 
 # -- version tags -----------------------------------------------------------------------
@@ -64,6 +66,9 @@ SMOKE_OUTPUT_TAG = "smoke_output"
 APPROVED_TAG = "approved"  # "true" or "false", set by the reviewer
 REVIEW_TAG = "review"  # pending, approved or rejected: the state, for people and searches
 REVIEWED_BY_TAG = "reviewed_by"
+# On a warm-started version: where it began ("production") and that version's number.
+WARM_START_TAG = "warm_start"
+WARM_START_VERSION_TAG = "warm_start_version"
 
 
 def adapter_tags(

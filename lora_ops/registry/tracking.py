@@ -32,14 +32,25 @@ log = logging.getLogger(__name__)
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # Config fields that cannot change the trained weights, so they stay out of the key.
-_NOT_IN_KEY = frozenset({"checkpoint_every"})
+_NOT_IN_KEY = frozenset({"checkpoint_every", "gradient_checkpointing"})
+# Fields added after keys were first recorded: left out while at their default, so a
+# customer's unchanged data and settings keep their key (and are not retrained) on upgrade.
+_IN_KEY_WHEN_SET = {
+    "eval_every": None,
+    "early_stopping_patience": None,
+    "warm_start": None,
+    "packing": False,
+    "base_dtype": "auto",
+    "quantize": None,
+}
 
 
 def idempotency_key(base_sha256: str, dataset_sha256: str, config: TrainConfig) -> str:
     """The sha256 that names one (base weights, dataset, training config) combination.
 
     Canonical JSON (sorted keys, no spaces) of the three; ``target_modules`` is sorted, as
-    its order cannot change the adapter, and ``checkpoint_every`` is left out.
+    its order cannot change the adapter, and ``checkpoint_every`` and
+    ``gradient_checkpointing`` (neither changes the weights) are left out.
 
     Raises:
         InputError: a hash is not a sha256 hex digest.
@@ -47,7 +58,11 @@ def idempotency_key(base_sha256: str, dataset_sha256: str, config: TrainConfig) 
     for field, value in (("base_sha256", base_sha256), ("dataset_sha256", dataset_sha256)):
         if not names.SHA256.fullmatch(value):
             raise InputError(f"{value!r} is not a sha256 hex digest", field=field)
-    dumped = {k: v for k, v in config.model_dump(mode="json").items() if k not in _NOT_IN_KEY}
+    dumped = {
+        k: v
+        for k, v in config.model_dump(mode="json").items()
+        if k not in _NOT_IN_KEY and (k not in _IN_KEY_WHEN_SET or v != _IN_KEY_WHEN_SET[k])
+    }
     dumped["lora"]["target_modules"] = sorted(dumped["lora"]["target_modules"])
     record = {"base_sha256": base_sha256, "config": dumped, "dataset_sha256": dataset_sha256}
     canonical = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True)

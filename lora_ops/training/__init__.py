@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lora_ops.training.evaluate import Evaluation, eval_loss, evaluate_adapters, perplexity
     from lora_ops.training.gate import GateDecision, decide_gate
+    from lora_ops.training.local import train_from_files
     from lora_ops.training.loop import (
+        EvalMetrics,
         StepMetrics,
         TrainingHooks,
         TrainingJob,
         TrainResult,
         train_adapter,
-        train_from_files,
     )
     from lora_ops.training.report import gate_markdown, plot_loss_curve
     from lora_ops.training.run_log import MlflowTrainingLog
@@ -31,18 +32,20 @@ _HOMES = {
     "perplexity": "evaluate",
     "GateDecision": "gate",
     "decide_gate": "gate",
+    "EvalMetrics": "loop",
     "StepMetrics": "loop",
     "TrainingHooks": "loop",
     "TrainingJob": "loop",
     "TrainResult": "loop",
     "train_adapter": "loop",
-    "train_from_files": "loop",
+    "train_from_files": "local",
     "gate_markdown": "report",
     "plot_loss_curve": "report",
     "MlflowTrainingLog": "run_log",
 }
 
 __all__ = [
+    "EvalMetrics",
     "Evaluation",
     "GateDecision",
     "MlflowTrainingLog",

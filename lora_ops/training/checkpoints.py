@@ -5,14 +5,21 @@ state and RNG states, tensors and plain values only, read back with
 ``weights_only=True``) and ``trainer_state.json`` (step and fingerprint). A checkpoint is
 built under a temporary name and renamed into place, so a crash mid-save leaves the
 previous checkpoint as the newest whole one.
+
+``BestWeights`` is checkpoint selection: the held-out evaluations so far and a copy of the
+adapter weights that scored best. Its state travels in ``trainer_state.pt``, so a resumed
+run still ends on the best weights of the whole run, not of its last attempt.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import random
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +29,8 @@ from torch import nn
 from lora_ops.errors import InputError
 from lora_ops.files import replace_folder
 from lora_ops.lora import load_adapter_weights, save_adapter
+
+log = logging.getLogger(__name__)
 
 STATE_PT = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
@@ -64,8 +73,12 @@ def save(
     optimizer: torch.optim.Optimizer,
     run_fingerprint: str,
     base_model_name: str = "",
+    selection: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``step-<step>`` and keep only the newest few."""
+    """Write checkpoint ``step-<step>`` and keep only the newest few.
+
+    ``selection`` is ``BestWeights.state()``, kept with the optimizer state.
+    """
     final = folder / f"step-{step}"
     staging = folder / f".step-{step}.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -78,6 +91,8 @@ def save(
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    if selection is not None:
+        state["selection"] = selection
     torch.save(state, staging / STATE_PT)
     (staging / STATE_JSON).write_text(
         json.dumps({"step": step, "fingerprint": run_fingerprint}, indent=2) + "\n"
@@ -111,6 +126,104 @@ def restore(
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     random.setstate(_python_rng_from(state["python_rng"]))
     return int(meta["step"])
+
+
+def resume(
+    folder: Path | None,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    run_fingerprint: str,
+    patience: int | None,
+) -> tuple[int, BestWeights]:
+    """Restore the newest checkpoint in ``folder`` (None: start afresh).
+
+    Returns:
+        The step to go on from, and the evaluations so far with the best weights.
+
+    Raises:
+        InputError: the checkpoint belongs to another config, dataset or base model.
+    """
+    if folder is None or (newest := latest(folder)) is None:
+        return 0, BestWeights(patience)
+    step = restore(newest, model, optimizer, run_fingerprint)
+    log.info("resumed from %s (step %d)", newest, step)
+    selection = torch.load(newest / STATE_PT, weights_only=True).get("selection")
+    if not isinstance(selection, dict):  # written before checkpoints carried one
+        return step, BestWeights(patience)
+    return step, BestWeights.from_state(selection, patience)
+
+
+@dataclass
+class BestWeights:
+    """Held-out evaluations of one run and the adapter weights that scored best.
+
+    Attributes:
+        patience: evaluations without improvement after which the run should stop;
+            None never stops it.
+        history: (step, held-out loss) of every evaluation, in order.
+        best_step: the step whose weights scored lowest; None before any evaluation.
+        best_loss: that step's held-out loss.
+        stale: evaluations since the best one.
+        weights: the trainable tensors at ``best_step``, on the CPU.
+    """
+
+    patience: int | None = None
+    history: list[tuple[int, float]] = field(default_factory=list)
+    best_step: int | None = None
+    best_loss: float = math.inf
+    stale: int = 0
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def record(self, step: int, loss: float, model: nn.Module) -> bool:
+        """Note step ``step``'s held-out loss; keep its weights if it is the best so far.
+
+        Only a strictly lower loss counts as an improvement (a NaN never does), so a
+        plateau uses up patience and the earliest of equal scores is kept.
+        """
+        self.history.append((step, loss))
+        if loss < self.best_loss:
+            self.best_step, self.best_loss, self.stale = step, loss, 0
+            self.weights = {
+                name: p.detach().to("cpu", copy=True)
+                for name, p in model.named_parameters()
+                if p.requires_grad
+            }
+            return True
+        self.stale += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        """Patience is used up: the run should stop."""
+        return self.patience is not None and self.stale >= self.patience
+
+    def restore(self, model: nn.Module) -> None:
+        """Put the best weights back into ``model`` (nothing to do before any evaluation)."""
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in self.weights.items():
+                params[name].copy_(tensor)
+
+    def state(self) -> dict[str, Any]:
+        """Plain values and tensors only, for ``torch.load(weights_only=True)``."""
+        return {
+            "history": [[step, loss] for step, loss in self.history],
+            "best_step": self.best_step,
+            "best_loss": self.best_loss,
+            "stale": self.stale,
+            "weights": self.weights,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], patience: int | None) -> BestWeights:
+        return cls(
+            patience=patience,
+            history=[(int(step), float(loss)) for step, loss in state["history"]],
+            best_step=state["best_step"],
+            best_loss=float(state["best_loss"]),
+            stale=int(state["stale"]),
+            weights=dict(state["weights"]),
+        )
 
 
 def _python_rng_state() -> list[Any]:

@@ -1,8 +1,12 @@
 """The LoRA training loop: AdamW, warmup + cosine, accumulation, clipping, exact resume.
 
-A run is one ``TrainingJob``. It reports through ``TrainingHooks`` (after each step, after
-each checkpoint) and never imports a tracking library itself: the pipeline's hooks
-(``training.run_log``) log to MLflow and copy checkpoints to S3.
+A run is one ``TrainingJob``. It reports through ``TrainingHooks`` (after each step, each
+held-out evaluation and each checkpoint) and never imports a tracking library itself: the
+pipeline's hooks (``training.run_log``) log to MLflow and copy checkpoints to S3.
+
+With ``eval_every`` the held-out loss steers the run: measured every N steps and after the
+last, the best-scoring weights (not the last) become the adapter, and with
+``early_stopping_patience`` the run stops once that many evaluations bring no improvement.
 """
 
 from __future__ import annotations
@@ -14,20 +18,22 @@ import random
 import resource
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from lora_ops.base_models import autocast_for
 from lora_ops.config import TrainConfig
 from lora_ops.errors import InputError
-from lora_ops.lora import adapters_in_use, apply_lora, save_adapter
+from lora_ops.lora import adapters_in_use, apply_lora, load_adapter_weights, save_adapter
 from lora_ops.training import checkpoints
-from lora_ops.training.batching import Tokenized, collate, count_loss_tokens, summed_nll
+from lora_ops.training.batching import Tokenized, count_loss_tokens
 from lora_ops.training.evaluate import eval_loss
+from lora_ops.training.memory import gradient_checkpointing
+from lora_ops.training.packing import training_rows
+from lora_ops.training.step import optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,18 @@ class StepMetrics:
     tokens: int
     tokens_per_second: float
     elapsed_seconds: float
+
+
+@dataclass(frozen=True)
+class EvalMetrics:
+    """What one held-out evaluation reports to ``on_evaluation``."""
+
+    step: int
+    total_steps: int
+    loss: float
+    best_step: int
+    best_loss: float
+    improved: bool
 
 
 @dataclass
@@ -66,6 +84,12 @@ class TrainResult:
     step_seconds: float = 0.0
     eval_seconds: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
+    # With eval_every: the step whose weights were kept (eval_loss is theirs), the held-out
+    # loss of the last step's weights, every (step, loss) measured, and whether patience ran out.
+    best_step: int | None = None
+    last_eval_loss: float | None = None
+    evaluations: list[tuple[int, float]] = field(default_factory=list)
+    stopped_early: bool = False
 
     def to_json(self) -> dict[str, object]:
         data = asdict(self)
@@ -86,6 +110,9 @@ class TrainingHooks:
         """Called after checkpoint ``step`` is written to ``folder``, e.g. to copy it to
         object storage."""
 
+    def on_evaluation(self, metrics: EvalMetrics) -> None:
+        """Called after each held-out evaluation (``eval_every``)."""
+
 
 @dataclass(frozen=True)
 class TrainingJob:
@@ -103,8 +130,10 @@ class TrainingJob:
         resume: continue from the newest checkpoint in ``checkpoint_dir`` if there is one.
         run_key: identifies the data and base; a checkpoint made with another key (or
             config) is refused rather than silently continued.
-        hooks: called after every optimizer step and every checkpoint.
+        hooks: called after every optimizer step, evaluation and checkpoint.
         progress: show a progress bar.
+        initial_adapter: a PEFT adapter folder whose weights the run starts from (warm
+            start) instead of a fresh adapter; its LoRA shape must be ``config.lora``'s.
     """
 
     model: PreTrainedModel
@@ -119,6 +148,7 @@ class TrainingJob:
     run_key: str = ""
     hooks: TrainingHooks = field(default_factory=TrainingHooks)
     progress: bool = True
+    initial_adapter: Path | None = None
 
     @property
     def checkpoint_folder(self) -> Path:
@@ -134,10 +164,13 @@ def learning_rate_at(step: int, total_steps: int, config: TrainConfig) -> float:
     return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def total_steps_for(n_train: int, config: TrainConfig) -> int:
+def total_steps_for(n_train: int, config: TrainConfig, n_examples: int | None = None) -> int:
+    """Optimizer steps over ``n_train`` rows; ``epochs="auto"`` counts ``n_examples`` (the
+    examples the rows pack, default one a row), as it is a rule about examples seen."""
     micro_per_epoch = math.ceil(n_train / config.batch_size)
     per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
-    return config.max_steps if config.max_steps is not None else per_epoch * config.epochs
+    epochs = config.epochs_for(n_train if n_examples is None else n_examples)
+    return config.max_steps if config.max_steps is not None else per_epoch * epochs
 
 
 def micro_batches(n_train: int, config: TrainConfig, start_step: int) -> Iterator[list[int]]:
@@ -176,6 +209,8 @@ def seed_everything(seed: int) -> None:
 def train_adapter(job: TrainingJob) -> TrainResult:
     """Train one LoRA adapter on ``job.model`` and write it to ``job.out_dir`` in PEFT's format.
 
+    With ``eval_every`` the adapter written is the best-evaluated one (``best_step``).
+
     Raises:
         InputError: a split is empty, or the checkpoint to resume from belongs to another
             config, dataset or base model.
@@ -193,25 +228,26 @@ def train_adapter(job: TrainingJob) -> TrainResult:
     eval_seconds = time.perf_counter() - eval_started
     report = apply_lora(model, config.lora)  # A drawn from the seeded generator
     log.info("%s", report)
+    if job.initial_adapter is not None:
+        load_adapter_weights(model, job.initial_adapter)  # a resume overwrites them below
+        log.info("warm start from the adapter in %s", job.initial_adapter)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=config.learning_rate,
         weight_decay=config.weight_decay,
     )
-    start_step = 0
-    if job.resume and (latest := checkpoints.latest(job.checkpoint_folder)) is not None:
-        start_step = checkpoints.restore(latest, model, optimizer, fingerprint)
-        log.info("resumed from %s (step %d)", latest, start_step)
-    total_steps = total_steps_for(len(job.train_examples), config)
-    losses = _run_steps(job, optimizer, fingerprint, start_step, total_steps)
+    folder = job.checkpoint_folder if job.resume else None
+    start_step, selection = checkpoints.resume(
+        folder, model, optimizer, fingerprint, config.early_stopping_patience
+    )
+    losses = _train_rows(job, optimizer, fingerprint, start_step, selection)
     eval_started = time.perf_counter()
-    with adapters_in_use(model, "default"):
-        adapted_loss = eval_loss(model, job.eval_examples, job.pad_id, config.batch_size)
-    eval_seconds += time.perf_counter() - eval_started
+    adapted_loss, last_loss = _kept_and_last_loss(job, selection)
+    eval_seconds += losses.eval_seconds + time.perf_counter() - eval_started
     save_adapter(model, job.out_dir, base_model_name_or_path=job.base_model_name)
     result = TrainResult(
         adapter_dir=job.out_dir,
-        steps=total_steps,
+        steps=losses.steps_done,
         train_losses=losses.losses,
         base_eval_loss=base_loss,
         eval_loss=adapted_loss,
@@ -222,17 +258,63 @@ def train_adapter(job: TrainingJob) -> TrainResult:
         resumed_from_step=start_step,
         step_seconds=losses.step_seconds,
         eval_seconds=eval_seconds,
+        best_step=selection.best_step,
+        last_eval_loss=last_loss,
+        evaluations=list(selection.history),
+        stopped_early=losses.stopped_early,
     )
     summary = json.dumps(result.to_json(), indent=2) + "\n"
     (job.out_dir / "training_summary.json").write_text(summary)
     return result
 
 
+def _kept_and_last_loss(
+    job: TrainingJob, selection: checkpoints.BestWeights
+) -> tuple[float, float | None]:
+    """Held-out loss of the weights the adapter keeps, and of the last step's (if measured).
+
+    After evaluations the best-scoring weights are put back first; their loss is the one
+    already measured, with the same examples and batches.
+    """
+    if selection.best_step is None:
+        with adapters_in_use(job.model, "default"):
+            loss = eval_loss(job.model, job.eval_examples, job.pad_id, job.config.batch_size)
+        return loss, None
+    selection.restore(job.model)
+    if selection.best_step != selection.history[-1][0]:
+        log.info(
+            "kept the weights of step %d (held-out loss %.4f), not the last step's (%.4f)",
+            selection.best_step,
+            selection.best_loss,
+            selection.history[-1][1],
+        )
+    return selection.best_loss, selection.history[-1][1]
+
+
+def _train_rows(
+    job: TrainingJob,
+    optimizer: torch.optim.Optimizer,
+    fingerprint: str,
+    start_step: int,
+    selection: checkpoints.BestWeights,
+) -> _LoopRecord:
+    """The optimizer steps over the job's rows: its examples, or with packing their packs,
+    checkpointing activations if asked."""
+    rows = training_rows(job.train_examples, job.config)
+    total_steps = total_steps_for(len(rows), job.config, len(job.train_examples))
+    with gradient_checkpointing(job.model, job.config.gradient_checkpointing):
+        on_rows = replace(job, train_examples=rows)
+        return _run_steps(on_rows, optimizer, fingerprint, start_step, total_steps, selection)
+
+
 @dataclass
 class _LoopRecord:
     losses: list[float]
     tokens_per_second: float
-    step_seconds: float  # inside _optimizer_step only: no hooks, no checkpoints
+    step_seconds: float  # inside optimizer_step only: no hooks, no checkpoints
+    steps_done: int = 0  # the last optimizer step taken (counting from 1)
+    stopped_early: bool = False
+    eval_seconds: float = 0.0  # inside the held-out evaluations
 
 
 def _run_steps(
@@ -241,12 +323,15 @@ def _run_steps(
     fingerprint: str,
     start_step: int,
     total_steps: int,
+    selection: checkpoints.BestWeights,
 ) -> _LoopRecord:
-    """Optimizer steps ``start_step`` to ``total_steps``, with their hooks and checkpoints."""
+    """Optimizer steps ``start_step`` to ``total_steps``, with their hooks, evaluations and
+    checkpoints; fewer when early stopping ends the run."""
     model, config, examples = job.model, job.config, job.train_examples
     batches = micro_batches(len(examples), config, start_step)
     losses: list[float] = []
     tokens_seen, started, step_seconds = 0, time.perf_counter(), 0.0
+    record = _LoopRecord(losses, 0.0, 0.0, steps_done=start_step)
     model.train()
     bar = tqdm(
         total=total_steps, initial=start_step, desc="train", unit="step", disable=not job.progress
@@ -256,7 +341,7 @@ def _run_steps(
             window = [[examples[i] for i in next(batches)] for _ in range(config.grad_accum)]
             lr = learning_rate_at(step, total_steps, config)
             step_started = time.perf_counter()
-            loss, norm = _optimizer_step(model, optimizer, window, job.pad_id, lr, config)
+            loss, norm = optimizer_step(model, optimizer, window, job.pad_id, lr, config)
             step_seconds += time.perf_counter() - step_started
             losses.append(loss)
             tokens_seen += sum(len(e.input_ids) for micro in window for e in micro)
@@ -274,20 +359,60 @@ def _run_steps(
                 elapsed_seconds=elapsed,
             )
             job.hooks.on_step(metrics)
-            if _checkpoint_due(step + 1, total_steps, config):
-                _save_checkpoint(job, optimizer, fingerprint, step + 1)
+            record.steps_done = step + 1
+            if _after_step(job, optimizer, fingerprint, selection, record, total_steps):
+                break
     model.eval()
     elapsed = max(time.perf_counter() - started, 1e-9)
-    return _LoopRecord(
-        losses=losses, tokens_per_second=tokens_seen / elapsed, step_seconds=step_seconds
-    )
+    record.tokens_per_second, record.step_seconds = tokens_seen / elapsed, step_seconds
+    return record
+
+
+def _after_step(
+    job: TrainingJob,
+    optimizer: torch.optim.Optimizer,
+    fingerprint: str,
+    selection: checkpoints.BestWeights,
+    record: _LoopRecord,
+    total_steps: int,
+) -> bool:
+    """Evaluate and checkpoint when due; True when early stopping ends the run here."""
+    done, config = record.steps_done, job.config
+    every = config.eval_every
+    if every is not None and (done % every == 0 or done == total_steps):
+        started = time.perf_counter()
+        loss = eval_loss(job.model, job.eval_examples, job.pad_id, config.batch_size)
+        improved = selection.record(done, loss, job.model)
+        record.eval_seconds += time.perf_counter() - started
+        best_step = selection.best_step if selection.best_step is not None else done
+        job.hooks.on_evaluation(
+            EvalMetrics(done, total_steps, loss, best_step, selection.best_loss, improved)
+        )
+    if selection.exhausted and done < total_steps:
+        log.info(
+            "early stop at step %d: %d evaluations without improvement on step %s",
+            done,
+            selection.stale,
+            selection.best_step,
+        )
+        record.stopped_early = True
+        return True
+    if _checkpoint_due(done, total_steps, config):
+        _save_checkpoint(job, optimizer, fingerprint, done, selection)
+    return False
 
 
 def _save_checkpoint(
-    job: TrainingJob, optimizer: torch.optim.Optimizer, fingerprint: str, done: int
+    job: TrainingJob,
+    optimizer: torch.optim.Optimizer,
+    fingerprint: str,
+    done: int,
+    selection: checkpoints.BestWeights,
 ) -> None:
     folder, model = job.checkpoint_folder, job.model
-    saved = checkpoints.save(folder, done, model, optimizer, fingerprint, job.base_model_name)
+    saved = checkpoints.save(
+        folder, done, model, optimizer, fingerprint, job.base_model_name, selection.state()
+    )
     job.hooks.on_checkpoint(saved, done)
 
 
@@ -295,86 +420,3 @@ def _checkpoint_due(done: int, total_steps: int, config: TrainConfig) -> bool:
     # No checkpoint after the last step: the finished adapter is written instead.
     every = config.checkpoint_every
     return every is not None and done % every == 0 and done < total_steps
-
-
-def _optimizer_step(
-    model: PreTrainedModel,
-    optimizer: torch.optim.Optimizer,
-    window: list[list[Tokenized]],
-    pad_id: int,
-    lr: float,
-    config: TrainConfig,
-) -> tuple[float, float]:
-    """One optimizer step over a window of micro-batches; returns (loss, gradient norm).
-
-    Each micro-batch's summed loss is divided by the labelled tokens of the whole window,
-    so accumulation gives the same gradient as one big batch.
-    """
-    device = next(model.parameters()).device
-    window_tokens = max(1, sum(count_loss_tokens(micro) for micro in window))
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    step_loss = 0.0
-    for micro in window:
-        batch = collate(micro, pad_id, device)
-        with autocast_for(device):
-            loss = summed_nll(model, batch) / window_tokens
-        loss.backward()
-        step_loss += loss.item()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    norm = _clip(params, config.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return step_loss, norm
-
-
-def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
-    if max_norm is None:
-        grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-        return float(torch.stack(grads).norm()) if grads else 0.0
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-
-
-def train_from_files(
-    base: str | Path,
-    data_path: Path,
-    config: TrainConfig,
-    out_dir: Path,
-    *,
-    resume: bool = False,
-    hooks: TrainingHooks | None = None,
-    progress: bool = True,
-) -> TrainResult:
-    """Base name or folder + JSONL file -> adapter folder: the ``lora-ops train`` command.
-
-    The data is checked in full before the model is loaded, so bad data fails in seconds
-    and leaves nothing behind.
-    """
-    # Imported here: data pulls in the tokenizer stack, and this keeps the loop importable
-    # by callers that bring their own tokenized examples.
-    from lora_ops import base_models, data
-
-    folder = base_models.resolve_base(base)
-    base_models.check_lora_fits(folder, config.lora)
-    tokenizer = base_models.load_tokenizer(folder)
-    dataset = data.prepare_dataset(
-        Path(data_path),
-        tokenizer,
-        max_seq_len=config.max_seq_len,
-        eval_fraction=config.eval_fraction,
-    )
-    model = base_models.load_model(folder)
-    job = TrainingJob(
-        model=model,
-        train_examples=dataset.train,
-        eval_examples=dataset.eval,
-        config=config,
-        out_dir=Path(out_dir),
-        pad_id=int(tokenizer.pad_token_id),
-        base_model_name=base_models.base_name(folder),
-        resume=resume,
-        run_key=f"{dataset.sha256}:{base_models.base_sha256(folder)}",
-        hooks=hooks or TrainingHooks(),
-        progress=progress,
-    )
-    return train_adapter(job)

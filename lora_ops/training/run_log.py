@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lora_ops.registry import Registry
 from lora_ops.storage import Storage
-from lora_ops.training.loop import StepMetrics, TrainingHooks, TrainResult
+from lora_ops.training.loop import EvalMetrics, StepMetrics, TrainingHooks, TrainResult
 from lora_ops.training.report import plot_loss_curve
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,18 @@ class MlflowTrainingLog(TrainingHooks):
                 metrics.tokens_per_second,
             )
 
+    def on_evaluation(self, metrics: EvalMetrics) -> None:
+        # Its own name: the pipeline's final "eval_loss" is the kept adapter's, at step 0.
+        self.registry.log_metrics(self.run_id, {"val_loss": metrics.loss}, step=metrics.step)
+        log.info(
+            "step %d/%d  held-out loss %.4f  (best %.4f at step %d)",
+            metrics.step,
+            metrics.total_steps,
+            metrics.loss,
+            metrics.best_loss,
+            metrics.best_step,
+        )
+
     def on_checkpoint(self, folder: Path, step: int) -> None:
         self.storage.upload_dir(folder, f"{self.checkpoints_uri}step-{step}/", progress=False)
 
@@ -93,6 +105,7 @@ class MlflowTrainingLog(TrainingHooks):
                 # compute inside the run; the rest of the step's time is overhead
                 "train_step_seconds": result.step_seconds,
                 "train_eval_seconds": result.eval_seconds,
+                **_selection_figures(result),
             },
         )
         # From MLflow, not result.train_losses: after a resume that holds only this
@@ -108,3 +121,15 @@ class MlflowTrainingLog(TrainingHooks):
             )
             self.registry.log_artifact(self.run_id, curve, "plots")
         self.registry.log_artifacts(self.run_id, result.adapter_dir, "adapter")
+
+
+def _selection_figures(result: TrainResult) -> dict[str, float]:
+    """Which evaluated step the adapter kept, and the last step's held-out loss beside it."""
+    if result.best_step is None or result.last_eval_loss is None:
+        return {}
+    return {
+        "best_val_step": float(result.best_step),
+        "best_val_loss": result.eval_loss,
+        "last_val_loss": result.last_eval_loss,
+        "stopped_early": float(result.stopped_early),
+    }

@@ -114,3 +114,49 @@ def test_a_row_added_to_the_table_reaches_a_decorated_command(
     not_given = runner.invoke(toy, ["acme"])
     assert not_given.exit_code == 0, not_given.output
     assert received == [{"weight_decay": 0.1, "lora": {"r": 4}}, {}]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--epochs", "auto"], {"epochs": "auto"}),
+        (["--epochs", "4"], {"epochs": 4}),
+        (
+            ["--eval-every", "10", "--early-stopping-patience", "3"],
+            {"eval_every": 10, "early_stopping_patience": 3},
+        ),
+        (["--warm-start", "production"], {"warm_start": "production"}),
+    ],
+)
+def test_steering_options_become_overrides(argv: list[str], expected: dict[str, Any]) -> None:
+    received: list[TrainingOverrides] = []
+    toy = typer.Typer()
+
+    @toy.command()
+    @training_options()
+    def record(name: str, *, training: TrainingOverrides) -> None:
+        received.append(training)
+
+    result = CliRunner().invoke(toy, ["acme", *argv])
+    assert result.exit_code == 0, result.output
+    assert received == [expected]
+    train_config(received[0])  # and TrainConfig takes them
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"epochs": "many"}, "epochs: must be a whole number of passes from 1 to 1000, or 'auto'"),
+        ({"early_stopping_patience": 2}, "early_stopping_patience: counts held-out evaluations"),
+        ({"eval_every": 0}, "eval_every: Input should be greater than or equal to 1"),
+        ({"warm_start": "latest"}, "warm_start: the only adapter a retrain can start from"),
+    ],
+)
+def test_bad_steering_options_are_refused_naming_the_field(
+    overrides: dict[str, Any], message: str
+) -> None:
+    from lora_ops.errors import InputError
+
+    with pytest.raises(InputError) as refused:
+        train_config(overrides)
+    assert message in str(refused.value)

@@ -53,12 +53,22 @@ class InMemoryPipeline:
         return self.versions.get(key)
 
     def prepare(
-        self, customer: str, data_uri: str, base: str, max_seq_len: int, eval_fraction: float
+        self,
+        customer: str,
+        data_uri: str,
+        base: str,
+        max_seq_len: int,
+        eval_fraction: float,
+        validation_data_uri: str | None = None,
     ) -> pipeline.DatasetRef:
         self._enter("prep")
-        sha256, _ = pipeline.data_fingerprint(customer, data_uri, base, TrainConfig())
+        sha256, _ = pipeline.data_fingerprint(
+            customer, data_uri, base, TrainConfig(), validation_data_uri=validation_data_uri
+        )
         uri = f"s3://bucket/datasets/{customer}/{sha256}/"
-        return pipeline.DatasetRef(customer, sha256, uri, uri + "prompts.json", base, 8, 2)
+        return pipeline.DatasetRef(
+            customer, sha256, uri, uri + "prompts.json", base, 8, 2, validation_data_uri
+        )
 
     def train(self, dataset: pipeline.DatasetRef, config: TrainConfig) -> pipeline.TrainedRef:
         self._enter("train")

@@ -115,3 +115,35 @@ def test_the_deployment_form_needs_only_the_customer_and_the_data() -> None:
     schema = parameter_schema(retrain).model_dump()
     assert schema["required"] == ["customer", "data_uri"]
     assert schema["properties"]["config"]["default"]["learning_rate"] == 2e-4
+
+
+def test_a_validation_file_is_new_data_of_its_own(
+    steps: InMemoryPipeline, data_file: Path, tmp_path: Path
+) -> None:
+    held_out = tmp_path / "held-out.jsonl"
+    held_out.write_text("".join(SAMPLE.read_text().splitlines(keepends=True)[20:32]))
+    plain = run_retrain(str(data_file)).result()
+    with_file = run_retrain(str(data_file), validation_data_uri=str(held_out))
+    assert with_file.is_completed(), with_file.message
+    result = with_file.result()
+    assert result["new_version"] is True
+    assert result["dataset_sha256"] != plain["dataset_sha256"]
+    steps.calls.clear()
+    again = run_retrain(str(data_file), validation_data_uri=str(held_out))
+    assert again.name == "No new data"
+    assert steps.calls == ["find-registered-version"]
+
+
+def test_a_bad_validation_file_fails_the_run_naming_its_line(
+    steps: InMemoryPipeline, data_file: Path, tmp_path: Path
+) -> None:
+    held_out = tmp_path / "held-out.jsonl"
+    lines = SAMPLE.read_text().splitlines(keepends=True)[20:32]
+    held_out.write_text("".join(lines[:3]) + '{"messages": []}\n' + "".join(lines[3:]))
+    state = run_retrain(str(data_file), validation_data_uri=str(held_out))
+    assert state.is_failed()
+    assert f"{held_out}:4" in state.message
+    missing = run_retrain(str(data_file), validation_data_uri=str(tmp_path / "nowhere.jsonl"))
+    assert missing.is_failed()
+    assert "validation_data_uri: no such file" in missing.message
+    assert steps.calls == []

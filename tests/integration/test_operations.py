@@ -285,6 +285,7 @@ def test_review_holds_the_deploy_until_approval_and_a_rejection_ends_the_run(
     assert fleet.served_from(url)["review-co"].endswith("adapter-review-co/2")
 
 
+@pytest.mark.long  # make test-slow: minutes of real workers
 def test_training_runs_on_its_own_work_pool(
     worker: WorkerProcess,
     prefect: PrefectApi,
@@ -325,6 +326,7 @@ def flow_run_pids(run_id: str) -> list[int]:
     return found
 
 
+@pytest.mark.long  # make test-slow: minutes of real workers
 def test_a_stopped_worker_hands_its_run_back_to_the_next_worker(
     stack: RunningStack,
     prefect: PrefectApi,

@@ -111,6 +111,7 @@ def test_retrain_registers_a_candidate_with_files_peft_loads(
     assert changed["version"] == "2"
 
 
+@pytest.mark.long  # make test-slow; tests/flows checks a failed gate registers nothing
 def test_gate_too_high_registers_nothing(stack: Any, tmp_path: Path) -> None:
     data_file = write_data(tmp_path / "globex.jsonl", slice(40, 80))
     with pytest.raises(GateFailed, match=r"the gate needs at least 99\.0%"):

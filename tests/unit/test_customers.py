@@ -60,6 +60,20 @@ BAD_INPUTS = {
     "display-name-blank": ("display_name", {"display_name": "   "}),
     "display-name-201": ("display_name", {"display_name": "x" * 201}),
     "unknown-field": ("colour", {"colour": "blue"}),
+    "validation-missing-file": ("validation_data_uri", {"validation_data_uri": "/no/such.jsonl"}),
+    "validation-a-folder": ("validation_data_uri", {"validation_data_uri": "/tmp"}),
+    "validation-s3-folder": ("validation_data_uri", {"validation_data_uri": "s3://lora-ops/v/"}),
+    "validation-other-scheme": (
+        "validation_data_uri",
+        {"validation_data_uri": "https://example.com/v.jsonl"},
+    ),
+    "training-epochs-words": ("training.epochs", {"training": {"epochs": "lots"}}),
+    "training-eval-every-0": ("training.eval_every", {"training": {"eval_every": 0}}),
+    "training-patience-alone": (
+        "training.early_stopping_patience",
+        {"training": {"early_stopping_patience": 3}},
+    ),
+    "training-warm-start-latest": ("training.warm_start", {"training": {"warm_start": "latest"}}),
 }
 
 
@@ -240,6 +254,7 @@ def test_retrain_parameters_round_trip_into_the_train_config(db: Database, data:
     assert parameters == {
         "customer": "acme",
         "data_uri": str(data.resolve()),
+        "validation_data_uri": None,
         "base": "tiny-llama",
         "min_improvement": 0.1,
         "production_tolerance": 0.02,
@@ -253,3 +268,37 @@ def test_merge_overrides_is_nested_and_leaves_its_inputs_alone() -> None:
     merged = customers.merge_overrides(base, {"lora": {"r": 4}, "max_steps": 3})
     assert merged == {"lora": {"r": 4, "alpha": 16.0}, "max_steps": 3}
     assert base == {"lora": {"r": 8, "alpha": 16.0}, "max_steps": None}
+
+
+def test_steering_and_warm_start_refusals_say_what_is_wrong(data: Path) -> None:
+    with pytest.raises(InputError, match=r"validation_data_uri: '/no/such.jsonl' is not a file"):
+        CustomerSpec(**good(data, validation_data_uri="/no/such.jsonl"))
+    with pytest.raises(InputError, match=r"training.epochs: must be a whole number .* or 'auto'"):
+        CustomerSpec(**good(data, training={"epochs": "lots"}))
+    with pytest.raises(InputError, match=r"early_stopping_patience: .* set eval_every too"):
+        CustomerSpec(**good(data, training={"early_stopping_patience": 3}))
+    with pytest.raises(InputError, match=r"warm_start: the only adapter .* is 'production'"):
+        CustomerSpec(**good(data, training={"warm_start": "v3"}))
+
+
+def test_validation_data_and_steering_reach_the_retrain_parameters(
+    db: Database, data: Path, tmp_path: Path
+) -> None:
+    held_out = tmp_path / "held-out.jsonl"
+    held_out.write_text(data.read_text())
+    training = {
+        "epochs": "auto",
+        "eval_every": 5,
+        "early_stopping_patience": 2,
+        "warm_start": "production",
+    }
+    spec = CustomerSpec(**good(data, validation_data_uri=str(held_out), training=training))
+    record = customers.add(spec, db=db)
+    assert customers.get("acme", db=db).validation_data_uri == str(held_out.resolve())
+    parameters = customers.retrain_parameters(record)
+    assert parameters["validation_data_uri"] == str(held_out.resolve())
+    config = TrainConfig.model_validate(parameters["config"])
+    assert (config.epochs, config.eval_every, config.early_stopping_patience) == ("auto", 5, 2)
+    assert config.warm_start == "production"
+    cleared = customers.update("acme", db=db, validation_data_uri=None)
+    assert cleared.validation_data_uri is None

@@ -27,7 +27,8 @@ def test_idempotency_key_is_canonical() -> None:
 
 
 def test_flatten_params_dots_nested_keys_and_truncates() -> None:
-    flat = flatten_params({"lora": SPEC, "lr": 0.1, "mods": ("a", "b"), "long": "x" * 9000})
+    spec = LoraSpec(r=4, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    flat = flatten_params({"lora": spec, "lr": 0.1, "mods": ("a", "b"), "long": "x" * 9000})
     assert flat["lora.r"] == "4"
     assert flat["lora.target_modules"] == '["q_proj", "k_proj", "v_proj", "o_proj"]'
     assert flat["lr"] == "0.1"

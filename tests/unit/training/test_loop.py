@@ -1,4 +1,5 @@
-"""The training loop on tiny-llama: schedule, determinism, checkpoints and exact resume."""
+"""The training loop on tiny-llama: schedule, determinism, checkpoints and exact resume,
+held-out evaluations, best-checkpoint selection, early stopping and warm start."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
 from lora_ops import base_models, data
-from lora_ops.config import TrainConfig
+from lora_ops.config import TrainConfig, auto_epochs
 from lora_ops.errors import InputError
-from lora_ops.lora import LoraSpec
+from lora_ops.lora import LoraSpec, adapters_in_use, load_adapter
 from lora_ops.training import checkpoints
+from lora_ops.training.evaluate import eval_loss
 from lora_ops.training.loop import (
+    EvalMetrics,
     StepMetrics,
     TrainingHooks,
     TrainingJob,
+    TrainResult,
     learning_rate_at,
     micro_batches,
     total_steps_for,
@@ -34,6 +38,16 @@ def dataset(tiny_tokenizer: PreTrainedTokenizerBase, tmp_path_factory: pytest.Te
     small = tmp_path_factory.mktemp("data") / "small.jsonl"
     small.write_text("".join(SAMPLE.read_text().splitlines(keepends=True)[:40]))
     return data.prepare_dataset(small, tiny_tokenizer, max_seq_len=256, eval_fraction=0.2)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(
+    tiny_tokenizer: PreTrainedTokenizerBase, tmp_path_factory: pytest.TempPathFactory
+) -> data.PreparedDataset:
+    """12 training and 4 held-out examples: few enough for tiny-llama to overfit them."""
+    small = tmp_path_factory.mktemp("data") / "tiny.jsonl"
+    small.write_text("".join(SAMPLE.read_text().splitlines(keepends=True)[:16]))
+    return data.prepare_dataset(small, tiny_tokenizer, max_seq_len=256, eval_fraction=0.3)
 
 
 def config(**overrides: object) -> TrainConfig:
@@ -188,3 +202,145 @@ def test_cuda_training_runs_under_bf16_autocast(
     assert result.peak_memory_bytes > 0
     lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
     assert all(p.dtype == torch.float32 and p.is_cuda for p in lora_params)
+
+
+class EvalRecorder(Recorder):
+    def __init__(self, crash_at_step: int | None = None) -> None:
+        super().__init__(crash_at_step)
+        self.evaluations: list[EvalMetrics] = []
+
+    def on_evaluation(self, metrics: EvalMetrics) -> None:
+        self.evaluations.append(metrics)
+
+
+# Far too long for 12 examples at a high learning rate: the held-out loss bottoms out and
+# climbs again while the training loss keeps falling.
+OVERLONG = {
+    "lora": LoraSpec(r=8, alpha=32, target_modules=("all-linear",)),
+    "learning_rate": 3e-2,
+    "max_steps": 24,
+    "batch_size": 4,
+    "grad_accum": 1,
+    "warmup_ratio": 0.0,
+    "seed": 0,
+    "eval_every": 2,
+}
+
+
+def adapter_loss(tiny_base: Path, folder: Path, dataset: data.PreparedDataset) -> float:
+    model = base_models.load_model(tiny_base, "cpu")
+    load_adapter(model, folder)
+    with adapters_in_use(model, "default"):
+        return eval_loss(model, dataset.eval, pad_id=0, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def overlong(
+    tiny_base: Path, tiny_dataset: data.PreparedDataset, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[TrainResult, EvalRecorder, Path]:
+    """One over-long run, shared: its result, what its hooks heard, its adapter folder."""
+    seen, out = EvalRecorder(), tmp_path_factory.mktemp("overlong")
+    return run(tiny_base, tiny_dataset, out, config(**OVERLONG), hooks=seen), seen, out
+
+
+def test_the_best_evaluated_weights_become_the_adapter_not_the_last(
+    tiny_base: Path,
+    tiny_dataset: data.PreparedDataset,
+    overlong: tuple[TrainResult, EvalRecorder, Path],
+) -> None:
+    result, seen, out = overlong
+    assert [m.step for m in seen.evaluations] == list(range(2, 25, 2))
+    assert result.evaluations == [(m.step, m.loss) for m in seen.evaluations]
+    best_step, best_loss = min(result.evaluations, key=lambda pair: pair[1])
+    assert (result.best_step, result.eval_loss) == (best_step, best_loss)
+    assert result.last_eval_loss == seen.evaluations[-1].loss
+    assert best_step < 24
+    assert result.eval_loss < result.last_eval_loss
+    assert adapter_loss(tiny_base, out, tiny_dataset) == pytest.approx(best_loss, rel=1e-6)
+    assert seen.evaluations[-1].best_step == best_step
+    assert seen.evaluations[0].improved is True
+    assert result.steps == 24
+    assert not result.stopped_early
+
+
+def test_evaluating_leaves_the_training_steps_as_they_were(
+    tiny_base: Path, tiny_dataset: data.PreparedDataset, tmp_path: Path
+) -> None:
+    plain = run(tiny_base, tiny_dataset, tmp_path / "a", config())
+    evaluated = run(tiny_base, tiny_dataset, tmp_path / "b", config(eval_every=2))
+    assert evaluated.train_losses == plain.train_losses
+    assert [step for step, _ in evaluated.evaluations] == [2, 4, 6]
+
+
+def test_early_stopping_ends_the_run_after_patience_evaluations_without_improvement(
+    tiny_base: Path,
+    tiny_dataset: data.PreparedDataset,
+    tmp_path: Path,
+    overlong: tuple[TrainResult, EvalRecorder, Path],
+) -> None:
+    full = overlong[0]
+    stopped = run(
+        tiny_base, tiny_dataset, tmp_path / "stop", config(**OVERLONG, early_stopping_patience=2)
+    )
+    # The same run up to the second evaluation in a row that beats no earlier one.
+    best, stale, stop_at = math.inf, 0, None
+    for step, loss in full.evaluations:
+        best, stale = (loss, 0) if loss < best else (best, stale + 1)
+        if stale == 2:
+            stop_at = step
+            break
+    assert stop_at is not None
+    assert stop_at < 24
+    assert stopped.stopped_early
+    assert stopped.steps == stop_at == len(stopped.train_losses)
+    assert stopped.evaluations == full.evaluations[: len(stopped.evaluations)]
+    assert stopped.eval_loss == min(loss for _, loss in stopped.evaluations)
+    assert stopped.eval_loss < stopped.evaluations[-1][1]
+
+
+def test_a_resumed_run_keeps_the_best_weights_of_the_whole_run(
+    tiny_base: Path, tiny_dataset: data.PreparedDataset, tmp_path: Path
+) -> None:
+    cfg = config(eval_every=1, checkpoint_every=2, learning_rate=3e-2)
+    whole = run(tiny_base, tiny_dataset, tmp_path / "whole", cfg)
+    with pytest.raises(Crash):
+        run(tiny_base, tiny_dataset, tmp_path / "cut", cfg, hooks=Recorder(crash_at_step=5))
+    resumed = run(tiny_base, tiny_dataset, tmp_path / "cut", cfg, resume=True)
+    assert resumed.resumed_from_step == 4  # evaluations 1-4 come from the checkpoint
+    assert [step for step, _ in resumed.evaluations] == [1, 2, 3, 4, 5, 6]
+    for (_, loss), (_, expected) in zip(resumed.evaluations, whole.evaluations, strict=True):
+        assert loss == pytest.approx(expected, abs=1e-6)
+    assert resumed.best_step == whole.best_step
+    expected_weights = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    actual = load_file(tmp_path / "cut" / "adapter_model.safetensors")
+    for key, tensor in expected_weights.items():
+        torch.testing.assert_close(actual[key], tensor, atol=1e-6, rtol=1e-5)
+
+
+def test_a_warm_start_begins_from_the_given_adapter(
+    tiny_base: Path, dataset: data.PreparedDataset, tmp_path: Path
+) -> None:
+    first = run(tiny_base, dataset, tmp_path / "first", config())
+    # One step at a negligible learning rate: what comes out is what went in.
+    again = run(
+        tiny_base,
+        dataset,
+        tmp_path / "again",
+        config(max_steps=1, learning_rate=1e-12),
+        initial_adapter=tmp_path / "first",
+    )
+    assert again.eval_loss == pytest.approx(first.eval_loss, rel=1e-5)
+    expected = load_file(tmp_path / "first" / "adapter_model.safetensors")
+    actual = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    for key, tensor in expected.items():
+        torch.testing.assert_close(actual[key], tensor, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("examples", "epochs"),
+    [(1, 25), (10, 10), (33, 3), (34, 3), (400, 3), (8333, 3), (8334, 2), (30_000, 1)],
+)
+def test_auto_epochs_follow_openais_rule(examples: int, epochs: int) -> None:
+    assert auto_epochs(examples) == epochs
+    cfg = config(epochs="auto", max_steps=None, batch_size=1, grad_accum=1)
+    assert total_steps_for(examples, cfg) == examples * epochs

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from lora_ops.training.loop import StepMetrics, TrainResult
+from lora_ops.training.loop import EvalMetrics, StepMetrics, TrainResult
 from lora_ops.training.run_log import MlflowTrainingLog
 
 PREFIX = "s3://bucket/checkpoints/acme/run-1/"
@@ -131,3 +131,32 @@ def test_finish_logs_the_figures_the_curve_and_the_adapter(tmp_path: Path) -> No
     assert registry.calls[2][1] == ("run-1", "loss_curve.png", "plots")
     assert curves[0][:8] == b"\x89PNG\r\n\x1a\n"
     assert registry.calls[3][1] == ("run-1", tmp_path / "adapter", "adapter")
+
+
+def test_each_evaluation_is_logged_at_its_step_and_the_kept_step_at_the_end(
+    tmp_path: Path,
+) -> None:
+    registry = Recording(metric_history=[3.0, 2.0])
+    hooks = training_log(registry, Recording())
+    hooks.on_evaluation(EvalMetrics(4, 8, 2.5, 4, 2.5, True))
+    assert registry.calls == [("log_metrics", ("run-1", {"val_loss": 2.5}), {"step": 4})]
+    registry.calls.clear()
+    result = TrainResult(
+        adapter_dir=tmp_path,
+        steps=8,
+        train_losses=[3.0, 2.0],
+        base_eval_loss=3.1,
+        eval_loss=2.5,
+        trainable_parameters=1,
+        total_parameters=2,
+        tokens_per_second=1.0,
+        peak_memory_bytes=1,
+        best_step=4,
+        last_eval_loss=2.7,
+        evaluations=[(4, 2.5), (8, 2.7)],
+    )
+    hooks.finish(result)
+    figures = registry.calls[0][1][1]
+    assert figures["train_eval_loss"] == figures["best_val_loss"] == 2.5
+    assert (figures["best_val_step"], figures["last_val_loss"]) == (4.0, 2.7)
+    assert figures["stopped_early"] == 0.0
