@@ -35,7 +35,7 @@ def run_bench(script: str, *args: str) -> dict[str, object]:
     return figures
 
 
-def test_train_step_compares_three_systems(tiny_base: Path) -> None:
+def test_train_step_compares_four_systems(tiny_base: Path) -> None:
     figures = run_bench(
         "train_step.py",
         "--base",
@@ -49,12 +49,17 @@ def test_train_step_compares_three_systems(tiny_base: Path) -> None:
         "--rank",
         "4",
     )
-    for system in ("lora-ops", "peft", "full"):
+    for system in ("lora-ops", "lora-ops-ckpt", "peft", "full"):
         assert figures[system]["step_seconds"] > 0
     # The same adapter on the same model: both LoRA implementations train as many weights.
-    assert figures["lora-ops"]["trainable_parameters"] == figures["peft"]["trainable_parameters"]
+    for system in ("lora-ops", "lora-ops-ckpt"):
+        assert figures[system]["trainable_parameters"] == figures["peft"]["trainable_parameters"]
     assert figures["full"]["trainable_parameters"] > 10 * figures["peft"]["trainable_parameters"]
-    assert set(figures["ratios"]) >= {"step lora-ops/peft", "memory lora-ops/peft"}
+    assert set(figures["ratios"]) >= {
+        "step lora-ops/peft",
+        "memory lora-ops/peft",
+        "memory checkpointed/not",
+    }
 
 
 def test_serve_mixed_gives_every_contender_equal_work(tiny_base: Path) -> None:
