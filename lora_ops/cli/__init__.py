@@ -7,7 +7,9 @@ imports (torch, MLflow, Prefect) happen inside the commands, so ``--help`` stays
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import warnings
 
 import typer
 
@@ -58,6 +60,8 @@ __all__ = ["app", "main"]
 def main() -> None:
     """Console entry point: user errors print one clear line and exit 2, no traceback."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if int(os.environ.get("RANK", "0")) > 0:
+        _quiet_for_a_secondary_rank()
     for chatty in ("httpx", "httpcore", "urllib3", "botocore", "alembic"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
@@ -65,3 +69,15 @@ def main() -> None:
     except LoraOpsError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+
+
+def _quiet_for_a_secondary_rank() -> None:
+    """Under ``torchrun`` only rank 0 speaks; the others would print the same again.
+
+    Their output goes nowhere and their logging shows errors only; errors still reach
+    stderr, which is where the launcher looks when a rank fails.
+    """
+    logging.getLogger().setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its logger keeps its own level
+    warnings.simplefilter("ignore")
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process

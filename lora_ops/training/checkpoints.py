@@ -2,7 +2,8 @@
 
 ``<dir>/step-<n>/`` holds the adapter in PEFT's format, ``trainer_state.pt`` (optimizer
 state and RNG states, tensors and plain values only, read back with
-``weights_only=True``) and ``trainer_state.json`` (step and fingerprint). A checkpoint is
+``weights_only=True``; under data parallelism every rank's RNG states, as each rank draws
+its own dropout masks) and ``trainer_state.json`` (step and fingerprint). A checkpoint is
 built under a temporary name and renamed into place, so a crash mid-save leaves the
 previous checkpoint as the newest whole one.
 
@@ -74,25 +75,23 @@ def save(
     run_fingerprint: str,
     base_model_name: str = "",
     selection: dict[str, Any] | None = None,
+    rank_rng: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write checkpoint ``step-<step>`` and keep only the newest few.
 
-    ``selection`` is ``BestWeights.state()``, kept with the optimizer state.
+    ``selection`` is ``BestWeights.state()``, kept with the optimizer state; ``rank_rng``
+    is every data-parallel rank's ``rng_state()``, in rank order.
     """
     final = folder / f"step-{step}"
     staging = folder / f".step-{step}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_adapter(model, staging, base_model_name_or_path=base_model_name)
-    state: dict[str, Any] = {
-        "optimizer": optimizer.state_dict(),
-        "torch_rng": torch.random.get_rng_state(),
-        "python_rng": _python_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    state: dict[str, Any] = {"optimizer": optimizer.state_dict(), **rng_state()}
     if selection is not None:
         state["selection"] = selection
+    if rank_rng is not None:
+        state["rank_rng"] = rank_rng
     torch.save(state, staging / STATE_PT)
     (staging / STATE_JSON).write_text(
         json.dumps({"step": step, "fingerprint": run_fingerprint}, indent=2) + "\n"
@@ -103,10 +102,28 @@ def save(
     return final
 
 
+def rng_state() -> dict[str, Any]:
+    """This process's random number generators, as a checkpoint keeps them."""
+    state: dict[str, Any] = {
+        "torch_rng": torch.random.get_rng_state(),
+        "python_rng": _python_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
 def restore(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, run_fingerprint: str
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    run_fingerprint: str,
+    rank: int = 0,
 ) -> int:
     """Load a checkpoint into ``model`` and ``optimizer``; returns the step it was taken at.
+
+    ``rank`` takes its own RNG states when the checkpoint holds each rank's; otherwise
+    (a single-process checkpoint, or more ranks now than then) rank 0's.
 
     Raises:
         InputError: the checkpoint belongs to another config, dataset or base model.
@@ -121,11 +138,16 @@ def restore(
     load_adapter_weights(model, path)
     state = torch.load(path / STATE_PT, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
+    per_rank = state.get("rank_rng") or []
+    _set_rng_state(per_rank[rank] if rank < len(per_rank) else state)
+    return int(meta["step"])
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
     torch.random.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     random.setstate(_python_rng_from(state["python_rng"]))
-    return int(meta["step"])
 
 
 def resume(
@@ -134,8 +156,9 @@ def resume(
     optimizer: torch.optim.Optimizer,
     run_fingerprint: str,
     patience: int | None,
+    rank: int = 0,
 ) -> tuple[int, BestWeights]:
-    """Restore the newest checkpoint in ``folder`` (None: start afresh).
+    """Restore the newest checkpoint in ``folder`` (None: start afresh) as ``rank`` resumes.
 
     Returns:
         The step to go on from, and the evaluations so far with the best weights.
@@ -145,7 +168,7 @@ def resume(
     """
     if folder is None or (newest := latest(folder)) is None:
         return 0, BestWeights(patience)
-    step = restore(newest, model, optimizer, run_fingerprint)
+    step = restore(newest, model, optimizer, run_fingerprint, rank)
     log.info("resumed from %s (step %d)", newest, step)
     selection = torch.load(newest / STATE_PT, weights_only=True).get("selection")
     if not isinstance(selection, dict):  # written before checkpoints carried one

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,29 +14,62 @@ from lora_ops.base_models import autocast_for
 from lora_ops.chat import encode_chat_ids, text_of
 from lora_ops.generation import GenerationRequest, SamplingParams, generate_batch, generate_reply
 from lora_ops.lora import adapters_in_use
+from lora_ops.training import distributed
 from lora_ops.training.batching import Tokenized, collate, count_loss_tokens, summed_nll
 
 
-@torch.no_grad()
 def eval_loss(
     model: PreTrainedModel, examples: Sequence[Tokenized], pad_id: int, batch_size: int = 8
 ) -> float:
     """Mean next-token loss over every labelled token of ``examples`` (token-weighted)."""
+    tokens = _labelled_tokens(examples)
+    starts = range(0, len(examples), batch_size)
+    return _summed_loss(model, examples, pad_id, batch_size, starts) / tokens
+
+
+def eval_loss_across_ranks(
+    model: PreTrainedModel, examples: Sequence[Tokenized], pad_id: int, batch_size: int = 8
+) -> float:
+    """``eval_loss`` with its batches shared out among the data-parallel ranks.
+
+    Every rank must call it; each gets rank 0's figure, so decisions taken on it (the best
+    step, early stopping) agree everywhere. The batches are those ``eval_loss`` makes, so
+    one process measures the same loss either way.
+    """
+    tokens = _labelled_tokens(examples)
+    starts = distributed.share(range(0, len(examples), batch_size))
+    summed = distributed.sum_value(_summed_loss(model, examples, pad_id, batch_size, starts))
+    return distributed.from_main(summed / tokens)
+
+
+def _labelled_tokens(examples: Sequence[Tokenized]) -> int:
     tokens = count_loss_tokens(examples)
     if tokens == 0:
         raise ValueError("the evaluation examples hold no labelled tokens")
+    return tokens
+
+
+@torch.no_grad()
+def _summed_loss(
+    model: PreTrainedModel,
+    examples: Sequence[Tokenized],
+    pad_id: int,
+    batch_size: int,
+    starts: Iterable[int],
+) -> float:
+    """Summed next-token loss of the batches of ``examples`` that begin at ``starts``."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total = 0.0
     try:
-        for start in range(0, len(examples), batch_size):
+        for start in starts:
             batch = collate(examples[start : start + batch_size], pad_id, device)
             with autocast_for(device):
                 total += summed_nll(model, batch).item()
     finally:
         model.train(was_training)
-    return total / tokens
+    return total
 
 
 def perplexity(loss: float) -> float:

@@ -7,17 +7,20 @@ pipeline's hooks (``training.run_log``) log to MLflow and copy checkpoints to S3
 With ``eval_every`` the held-out loss steers the run: measured every N steps and after the
 last, the best-scoring weights (not the last) become the adapter, and with
 ``early_stopping_patience`` the run stops once that many evaluations bring no improvement.
+
+Under ``torchrun`` (``training.distributed``) each rank trains on its share of every
+micro-batch and the gradients are summed, so the run is the one a single process makes at
+the same global batch; rank 0 alone writes files and calls the hooks.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import resource
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -27,12 +30,19 @@ from transformers import PreTrainedModel
 
 from lora_ops.config import TrainConfig
 from lora_ops.errors import InputError
-from lora_ops.lora import adapters_in_use, apply_lora, load_adapter_weights, save_adapter
-from lora_ops.training import checkpoints
+from lora_ops.lora import (
+    TrainableReport,
+    adapters_in_use,
+    apply_lora,
+    load_adapter_weights,
+    save_adapter,
+)
+from lora_ops.training import checkpoints, distributed
 from lora_ops.training.batching import Tokenized, count_loss_tokens
-from lora_ops.training.evaluate import eval_loss
+from lora_ops.training.evaluate import eval_loss_across_ranks
 from lora_ops.training.memory import gradient_checkpointing
 from lora_ops.training.packing import training_rows
+from lora_ops.training.schedule import learning_rate_at, micro_batches, total_steps_for
 from lora_ops.training.step import optimizer_step
 
 log = logging.getLogger(__name__)
@@ -155,44 +165,6 @@ class TrainingJob:
         return self.checkpoint_dir or self.out_dir / "checkpoints"
 
 
-def learning_rate_at(step: int, total_steps: int, config: TrainConfig) -> float:
-    """Linear warmup to the peak, then cosine decay to zero. ``step`` counts from 0."""
-    warmup = math.ceil(config.warmup_ratio * total_steps)
-    if step < warmup:
-        return config.learning_rate * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def total_steps_for(n_train: int, config: TrainConfig, n_examples: int | None = None) -> int:
-    """Optimizer steps over ``n_train`` rows; ``epochs="auto"`` counts ``n_examples`` (the
-    examples the rows pack, default one a row), as it is a rule about examples seen."""
-    micro_per_epoch = math.ceil(n_train / config.batch_size)
-    per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
-    epochs = config.epochs_for(n_train if n_examples is None else n_examples)
-    return config.max_steps if config.max_steps is not None else per_epoch * epochs
-
-
-def micro_batches(n_train: int, config: TrainConfig, start_step: int) -> Iterator[list[int]]:
-    """Example indices of each micro-batch from optimizer step ``start_step`` on.
-
-    Each epoch's order is a permutation drawn from (seed, epoch) alone, so a resumed run
-    sees exactly the batches the uninterrupted run would have seen.
-    """
-    micro_per_epoch = math.ceil(n_train / config.batch_size)
-    m = start_step * config.grad_accum
-    order: list[int] = []
-    epoch = -1
-    while True:
-        if m // micro_per_epoch != epoch:
-            epoch = m // micro_per_epoch
-            generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-            order = torch.randperm(n_train, generator=generator).tolist()
-        start = (m % micro_per_epoch) * config.batch_size
-        yield order[start : start + config.batch_size]
-        m += 1
-
-
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -219,32 +191,23 @@ def train_adapter(job: TrainingJob) -> TrainResult:
         raise InputError("no training examples", field="data")
     if not job.eval_examples:
         raise InputError("no evaluation examples", field="data")
+    job = _for_this_rank(job)
     model, config = job.model, job.config
     device = next(model.parameters()).device
     fingerprint = checkpoints.fingerprint(config.model_dump_json(), job.run_key)
     seed_everything(config.seed)
     eval_started = time.perf_counter()
-    base_loss = eval_loss(model, job.eval_examples, job.pad_id, config.batch_size)
+    base_loss = eval_loss_across_ranks(model, job.eval_examples, job.pad_id, config.batch_size)
     eval_seconds = time.perf_counter() - eval_started
-    report = apply_lora(model, config.lora)  # A drawn from the seeded generator
-    log.info("%s", report)
-    if job.initial_adapter is not None:
-        load_adapter_weights(model, job.initial_adapter)  # a resume overwrites them below
-        log.info("warm start from the adapter in %s", job.initial_adapter)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=config.learning_rate,
-        weight_decay=config.weight_decay,
-    )
+    report, optimizer = _adapter_and_optimizer(job)
     folder = job.checkpoint_folder if job.resume else None
     start_step, selection = checkpoints.resume(
-        folder, model, optimizer, fingerprint, config.early_stopping_patience
+        folder, model, optimizer, fingerprint, config.early_stopping_patience, distributed.rank()
     )
     losses = _train_rows(job, optimizer, fingerprint, start_step, selection)
     eval_started = time.perf_counter()
     adapted_loss, last_loss = _kept_and_last_loss(job, selection)
     eval_seconds += losses.eval_seconds + time.perf_counter() - eval_started
-    save_adapter(model, job.out_dir, base_model_name_or_path=job.base_model_name)
     result = TrainResult(
         adapter_dir=job.out_dir,
         steps=losses.steps_done,
@@ -263,9 +226,47 @@ def train_adapter(job: TrainingJob) -> TrainResult:
         evaluations=list(selection.history),
         stopped_early=losses.stopped_early,
     )
-    summary = json.dumps(result.to_json(), indent=2) + "\n"
-    (job.out_dir / "training_summary.json").write_text(summary)
+    _write_adapter(job, result)
     return result
+
+
+def _for_this_rank(job: TrainingJob) -> TrainingJob:
+    """The job as this rank runs it: only rank 0 reports (hooks, progress bar).
+
+    The other ranks hold the same adapter and see the same losses, so their reports would
+    say the same again, and a tracking hook would log every step twice.
+    """
+    if distributed.is_main():
+        return job
+    return replace(job, hooks=TrainingHooks(), progress=False)
+
+
+def _adapter_and_optimizer(job: TrainingJob) -> tuple[TrainableReport, torch.optim.Optimizer]:
+    """Put a fresh (or warm-started) adapter on the model; its AdamW optimizer."""
+    model, config = job.model, job.config
+    report = apply_lora(model, config.lora)  # A drawn from the seeded generator
+    log.info("%s", report)
+    if job.initial_adapter is not None:
+        load_adapter_weights(model, job.initial_adapter)  # a resume overwrites them below
+        log.info("warm start from the adapter in %s", job.initial_adapter)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if distributed.is_distributed():
+        distributed.copy_from_main(trainable)  # the ranks start from one adapter, whatever
+        # Each rank its own dropout masks: with one seed they would all draw the same.
+        seed_everything(config.seed + 1_000_003 * distributed.rank())
+    optimizer = torch.optim.AdamW(
+        trainable, lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    return report, optimizer
+
+
+def _write_adapter(job: TrainingJob, result: TrainResult) -> None:
+    """Rank 0 writes the adapter and its summary; every rank returns once they are there."""
+    if distributed.is_main():
+        save_adapter(job.model, job.out_dir, base_model_name_or_path=job.base_model_name)
+        summary = json.dumps(result.to_json(), indent=2) + "\n"
+        (job.out_dir / "training_summary.json").write_text(summary)
+    distributed.barrier()
 
 
 def _kept_and_last_loss(
@@ -278,7 +279,9 @@ def _kept_and_last_loss(
     """
     if selection.best_step is None:
         with adapters_in_use(job.model, "default"):
-            loss = eval_loss(job.model, job.eval_examples, job.pad_id, job.config.batch_size)
+            loss = eval_loss_across_ranks(
+                job.model, job.eval_examples, job.pad_id, job.config.batch_size
+            )
         return loss, None
     selection.restore(job.model)
     if selection.best_step != selection.history[-1][0]:
@@ -339,9 +342,10 @@ def _run_steps(
     with adapters_in_use(model, "default"), bar:
         for step in range(start_step, total_steps):
             window = [[examples[i] for i in next(batches)] for _ in range(config.grad_accum)]
+            mine = [distributed.share(micro) for micro in window]
             lr = learning_rate_at(step, total_steps, config)
             step_started = time.perf_counter()
-            loss, norm = optimizer_step(model, optimizer, window, job.pad_id, lr, config)
+            loss, norm = optimizer_step(model, optimizer, mine, job.pad_id, lr, config)
             step_seconds += time.perf_counter() - step_started
             losses.append(loss)
             tokens_seen += sum(len(e.input_ids) for micro in window for e in micro)
@@ -381,7 +385,7 @@ def _after_step(
     every = config.eval_every
     if every is not None and (done % every == 0 or done == total_steps):
         started = time.perf_counter()
-        loss = eval_loss(job.model, job.eval_examples, job.pad_id, config.batch_size)
+        loss = eval_loss_across_ranks(job.model, job.eval_examples, job.pad_id, config.batch_size)
         improved = selection.record(done, loss, job.model)
         record.eval_seconds += time.perf_counter() - started
         best_step = selection.best_step if selection.best_step is not None else done
@@ -409,9 +413,15 @@ def _save_checkpoint(
     done: int,
     selection: checkpoints.BestWeights,
 ) -> None:
-    folder, model = job.checkpoint_folder, job.model
+    # Every rank's RNG states, so each draws its own dropout masks again after a resume.
+    rank_rng = None
+    if distributed.is_distributed():
+        rank_rng = distributed.gather_objects(checkpoints.rng_state())
+    if not distributed.is_main():
+        return
+    folder, model, state = job.checkpoint_folder, job.model, selection.state()
     saved = checkpoints.save(
-        folder, done, model, optimizer, fingerprint, job.base_model_name, selection.state()
+        folder, done, model, optimizer, fingerprint, job.base_model_name, state, rank_rng
     )
     job.hooks.on_checkpoint(saved, done)
 
