@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_ops import base_models, data, names, warm_start
 from lora_ops.config import LoraSpec, TrainConfig
@@ -49,6 +49,9 @@ from lora_ops.training.loop import TrainingJob, train_adapter
 from lora_ops.training.memory import load_training_base
 from lora_ops.training.report import gate_markdown
 from lora_ops.training.run_log import MlflowTrainingLog
+
+if TYPE_CHECKING:  # only for hints: datasets is imported where data is read
+    from lora_ops.data.arrow_store import ArrowPrepared
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,16 @@ def data_fingerprint(
         if validation is not None:
             sha256 = paired_sha256(sha256, data.dataset_sha256(validation))
     return sha256, idempotency_key(base_sha, sha256, config)
+
+
+def load_tokenized(folder: Path) -> ArrowPrepared | prepared.PreparedDataset:
+    """A downloaded prepared set: the Arrow set, memory-mapped (its rows are read as training
+    asks for them), or one stored before it in the JSONL format, which is read whole."""
+    if (folder / prepared.MANIFEST_FILE).is_file():
+        return prepared.load_prepared(folder)
+    from lora_ops.data.arrow_store import load_arrow  # datasets: only where data is read
+
+    return load_arrow(folder)
 
 
 def run_key(dataset: DatasetRef, config: TrainConfig) -> tuple[str, str]:
@@ -200,7 +213,7 @@ def _train_logged(
     with tempfile.TemporaryDirectory() as work_dir:
         work = Path(work_dir)
         storage.download_dir(dataset.uri, work / "dataset")
-        examples = prepared.load_prepared(work / "dataset")
+        examples = load_tokenized(work / "dataset")
         training_log.download_latest_checkpoint(work / "checkpoints")
         tokenizer = base_models.load_tokenizer(dataset.base)
         model = load_training_base(dataset.base, config)
@@ -289,7 +302,7 @@ def evaluate_candidate(
     with tempfile.TemporaryDirectory() as work_dir:
         work = Path(work_dir)
         storage.download_dir(dataset.uri, work / "dataset")
-        examples = prepared.load_prepared(work / "dataset")
+        examples = load_tokenized(work / "dataset")
         prompts = storage.read_json(dataset.prompts_uri)
         tokenizer = base_models.load_tokenizer(dataset.base)
         model = base_models.load_model(dataset.base)

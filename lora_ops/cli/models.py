@@ -47,7 +47,7 @@ def base_import(name: Annotated[str, typer.Argument(help="Catalogue name.")]) ->
 
 @data_app.command("validate")
 def data_validate(
-    file: Annotated[Path, typer.Argument(help="JSONL file of chat examples.")],
+    file: Annotated[Path, typer.Argument(help="JSONL, Parquet or CSV file of chat examples.")],
     base: Annotated[
         str | None, typer.Option("--base", help="Also count tokens with this base's template.")
     ] = None,

@@ -10,6 +10,12 @@
 * :mod:`~lora_ops.data.split`: train/eval by content hash.
 * :mod:`~lora_ops.data.validation`: a whole file checked, token counts, the report.
 * :mod:`~lora_ops.data.prepared`: validate, tokenize and split a file; save and load the result.
+* :mod:`~lora_ops.data.sources`: JSONL lines, Parquet rows and CSV rows read one at a time;
+  :mod:`~lora_ops.data.scan`: a file checked in one streaming pass (hash, duplicates, split).
+* :mod:`~lora_ops.data.arrow_prepare`, :mod:`~lora_ops.data.arrow_tokenize`,
+  :mod:`~lora_ops.data.arrow_store`: data at scale with Hugging Face ``datasets``: tokenized
+  by ``map`` into Arrow, cached by content, loaded memory-mapped and checked. They import
+  ``datasets`` and pyarrow, so nothing here imports them: callers import them lazily.
 
 The names the old single module had are re-exported here; saving and loading a prepared
 dataset are :mod:`lora_ops.data.prepared`'s own (``prepared.save_prepared``). No module here

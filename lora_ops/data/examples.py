@@ -1,6 +1,7 @@
-"""Customer examples: a JSONL data file read and checked line by line, with file:line errors.
+"""Customer examples: a data file read and checked line by line, with file:line errors.
 
-A data file is JSONL in UTF-8, one conversation a line, in either of two shapes:
+A data file is JSONL in UTF-8, one conversation a line (or a Parquet or CSV file, one a row:
+:mod:`lora_ops.data.sources` says how a row maps to a line), in either of two shapes:
 
 * OpenAI chat fine-tuning: ``{"messages": [{"role": "user", "content": "..."}, ...]}`` with
   roles ``system``, ``user``, ``assistant`` and ``tool``, and optionally ``"tools"`` (the
@@ -37,12 +38,11 @@ and the train/eval split are taken over it, never over the bytes as written.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from lora_ops.chat import assistant_text
 from lora_ops.data.fields import Issue, json_type_name, shorten, text_problem
@@ -55,6 +55,7 @@ from lora_ops.data.messages import (
     is_trained,
     normalized,
 )
+from lora_ops.data.sources import MAX_LINE_BYTES, records
 from lora_ops.data.tools import call_issues, check_tools
 from lora_ops.errors import InputError
 
@@ -71,12 +72,12 @@ __all__ = [  # names read from here since before messages had a module of their 
     "is_trained",
     "json_type_name",
     "parse_examples",
+    "parse_record",
     "prompt_of",
     "read_examples",
     "reference_reply",
 ]
 
-MAX_LINE_BYTES = 1 << 20  # 1 MiB: far above any sane example, small enough to hold in memory
 _LINE_KEYS = ("messages", "tools", "parallel_tool_calls")
 
 
@@ -114,7 +115,7 @@ def parse_examples(path: Path) -> tuple[list[Example], list[InputError]]:
     """Read a JSONL data file, collecting every problem instead of stopping at the first.
 
     Args:
-        path: The local JSONL file.
+        path: The local JSONL, Parquet or CSV file (:mod:`lora_ops.data.sources`).
 
     Returns:
         The valid examples in file order, and one InputError per problem (file, line, field).
@@ -127,9 +128,10 @@ def parse_examples(path: Path) -> tuple[list[Example], list[InputError]]:
     problems: list[InputError] = []
     first_seen: dict[str, int] = {}
     try:
-        for number, raw in _read_lines(path):
-            example, issues = _parse_line(raw, number)
-            problems += [InputError(r, file=path, line=number, field=f) for f, r in issues]
+        for number, obj, read_issues in records(path):
+            example, issues = parse_record(obj, read_issues, number)
+            where = number or None  # 0: the file as a whole (a Parquet file's columns)
+            problems += [InputError(r, file=path, line=where, field=f) for f, r in issues]
             if example is None:
                 continue
             key = canonical_json(example.messages, example.tools)
@@ -158,44 +160,13 @@ def read_examples(path: Path) -> list[Example]:
     return examples
 
 
-def _read_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
-    """Yield (line number, bytes without the line ending), or None for a line too long."""
-    with path.open("rb") as f:
-        for number in itertools.count(1):
-            raw = f.readline(MAX_LINE_BYTES + 2)  # room for the limit and "\r\n"
-            if not raw:
-                return
-            if len(raw) == MAX_LINE_BYTES + 2 and not raw.endswith(b"\n"):
-                _skip_rest_of_line(f)
-                yield number, None
-                continue
-            content = raw.rstrip(b"\r\n")
-            yield number, content if len(content) <= MAX_LINE_BYTES else None
-
-
-def _skip_rest_of_line(f: IO[bytes]) -> None:
-    while (chunk := f.readline(MAX_LINE_BYTES)) and not chunk.endswith(b"\n"):
-        pass
-
-
-def _parse_line(raw: bytes | None, number: int) -> tuple[Example | None, list[Issue]]:
-    """Decode and check one line: (example, []) when valid, (None, issues) otherwise."""
-    if raw is None:
-        return None, [(None, f"line is longer than {MAX_LINE_BYTES} bytes; not read")]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return None, [(None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})")]
-    if number == 1:
-        text = text.removeprefix("\ufeff")
-    if not text.strip():
-        return None, []
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        return None, [(None, f"not valid JSON: {e.msg} at column {e.colno}")]
-    except RecursionError:
-        return None, [(None, "not valid JSON: nested too deeply")]
+def parse_record(
+    obj: Any, read_issues: list[Issue], number: int
+) -> tuple[Example | None, list[Issue]]:
+    """A record from :func:`~lora_ops.data.sources.records` checked: (example, []) when valid,
+    (None, issues) otherwise; (None, []) for a blank line."""
+    if read_issues or obj is None:
+        return None, read_issues
     return _read_object(obj, number)
 
 
@@ -337,7 +308,12 @@ def dataset_sha256(path: Path) -> str:
     Raises:
         DataError: The file has problems (a hash of refused data would name nothing).
     """
-    return content_sha256(read_examples(path))
+    from lora_ops.data.scan import scan_file  # scan reads lines through this module
+
+    scanned = scan_file(path)  # streaming: a file of any size is hashed in little memory
+    if scanned.problems:
+        raise DataError(scanned.problems, path)
+    return scanned.sha256
 
 
 def content_sha256(examples: Iterable[Example]) -> str:

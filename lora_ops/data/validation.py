@@ -7,12 +7,14 @@ held against ``max_seq_len`` too.
 
 from __future__ import annotations
 
-import statistics
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_ops.data.examples import Example, parse_examples
+from lora_ops.data.scan import iter_examples, scan_file
 from lora_ops.data.tokenize import TokenizedExample, tokenize_example
 from lora_ops.errors import InputError
 
@@ -29,7 +31,7 @@ class ValidationReport:
     path: str
     examples: int
     problems: list[InputError]
-    token_counts: list[int] = field(default_factory=list)
+    token_counts: Sequence[int] = field(default_factory=list)  # an array for a big file
     too_long: int = 0
     max_seq_len: int | None = None
 
@@ -39,18 +41,34 @@ class ValidationReport:
 
     def summary(self) -> dict[str, Any]:
         """Flat figures for a CLI table or run parameters; token figures are None untokenized."""
-        counts = self.token_counts
+        low, middle, high = _spread(self.token_counts)
         return {
             "path": self.path,
             "examples": self.examples,
-            "tokens_min": min(counts) if counts else None,
-            "tokens_median": statistics.median(counts) if counts else None,
-            "tokens_max": max(counts) if counts else None,
+            "tokens_min": low,
+            "tokens_median": middle,
+            "tokens_max": high,
             "too_long": self.too_long,
             "max_seq_len": self.max_seq_len,
             "problems": len(self.problems),
             "ok": self.ok,
         }
+
+
+def _spread(counts: Sequence[int]) -> tuple[int | None, float | None, int | None]:
+    """Least, median and most, as statistics.median gives them (an int for an odd count),
+    sorted in numpy: a million counts stay 4 MB, not a list of Python ints."""
+    if not counts:
+        return None, None, None
+    import numpy as np
+
+    ordered = np.sort(np.asarray(counts, dtype=np.int64))
+    half = len(ordered) // 2
+    if len(ordered) % 2:
+        median: float = int(ordered[half])
+    else:
+        median = (int(ordered[half - 1]) + int(ordered[half])) / 2
+    return int(ordered[0]), median, int(ordered[-1])
 
 
 def validate_file(
@@ -59,10 +77,14 @@ def validate_file(
     max_seq_len: int = 512,
     min_examples: int = MIN_EXAMPLES,
 ) -> ValidationReport:
-    """Check a data file without raising on its contents.
+    """Check a data file without raising on its contents, streaming: no example is kept.
+
+    The structure is checked in one pass (:func:`~lora_ops.data.scan.scan_file`); with a
+    tokenizer a second pass renders, tokenizes and counts each example, keeping only the
+    counts (4 bytes an example).
 
     Args:
-        path: The local JSONL file.
+        path: The local JSONL, Parquet or CSV file.
         tokenizer: When given, each example is rendered and tokenized, counted and checked
             against ``max_seq_len``; the chat template is checked too.
         max_seq_len: Most tokens an example may have after the chat template.
@@ -74,16 +96,31 @@ def validate_file(
     Raises:
         InputError: The file cannot be read at all.
     """
-    examples, tokenized, problems = check_file(path, tokenizer, max_seq_len, min_examples)
-    counts = [len(item.input_ids) for item in tokenized]
+    path = Path(path)
+    scan = scan_file(path)
+    problems = list(scan.problems)
+    counts: array[int] = array("I")
+    if tokenizer is not None:
+        examples = iter_examples(path, skip_lines=scan.duplicate_lines)
+        for item in _tokenized(path, tokenizer, examples, max_seq_len, problems):
+            counts.append(len(item.input_ids))
+    problems += too_few(path, scan.examples, min_examples)
+    problems.sort(key=lambda p: (p.line is None, p.line or 0))  # stable: keeps order on a line
     return ValidationReport(
         path=str(path),
-        examples=len(examples),
+        examples=scan.examples,
         problems=problems,
         token_counts=counts,
-        too_long=sum(count > max_seq_len for count in counts),
+        too_long=sum(1 for count in counts if count > max_seq_len),
         max_seq_len=max_seq_len if tokenizer is not None else None,
     )
+
+
+def too_few(path: Path, examples: int, min_examples: int) -> list[InputError]:
+    if 0 < examples < min_examples:
+        reason = f"only {examples} valid examples; at least {min_examples} are needed"
+        return [InputError(reason, file=path)]
+    return []
 
 
 def check_file(
@@ -97,34 +134,33 @@ def check_file(
     examples, problems = parse_examples(path)
     tokenized: list[TokenizedExample] = []
     if tokenizer is not None:
-        tokenized = _tokenize_all(path, tokenizer, examples, max_seq_len, problems)
-    if 0 < len(examples) < min_examples:
-        reason = f"only {len(examples)} valid examples; at least {min_examples} are needed"
-        problems.append(InputError(reason, file=path))
+        tokenized = list(_tokenized(path, tokenizer, examples, max_seq_len, problems))
+    problems += too_few(path, len(examples), min_examples)
     problems.sort(key=lambda p: (p.line is None, p.line or 0))  # stable: keeps order on a line
     return examples, tokenized, problems
 
 
-def _tokenize_all(
+def _tokenized(
     path: Path,
     tokenizer: PreTrainedTokenizerBase,
-    examples: list[Example],
+    examples: Iterable[Example],
     max_seq_len: int,
     problems: list[InputError],
-) -> list[TokenizedExample]:
-    """Tokenize every example, adding template and too-long problems to ``problems``."""
-    tokenized = []
+) -> Iterator[TokenizedExample]:
+    """Tokenize each example as it comes, adding template and too-long problems to
+    ``problems``; an example the template refuses is not yielded."""
     for example in examples:
         try:
             item = tokenize_example(tokenizer, example)
         except InputError as e:  # raised without a file: attach this one
             problems.append(InputError(e.reason, file=path, line=e.line, field=e.field))
             continue
-        tokenized.append(item)
         if len(item.input_ids) > max_seq_len:
-            reason = (
-                f"{len(item.input_ids)} tokens after the chat template, "
-                f"over max_seq_len {max_seq_len}"
+            problems.append(
+                InputError(too_long_reason(item, max_seq_len), file=path, line=example.line)
             )
-            problems.append(InputError(reason, file=path, line=example.line))
-    return tokenized
+        yield item
+
+
+def too_long_reason(item: TokenizedExample, max_seq_len: int) -> str:
+    return f"{len(item.input_ids)} tokens after the chat template, over max_seq_len {max_seq_len}"
