@@ -29,7 +29,7 @@ PACKAGES = ("lora_ops", "flows")
 VENV_DEFAULTS = ("pip", "setuptools")
 # Not libraries: Alembic's environment runs only under `alembic upgrade`, and importing
 # __main__ runs the CLI (checked on its own below).
-NOT_IMPORTABLE = {"lora_ops.migrations.env", "lora_ops.__main__"}
+NOT_IMPORTABLE = {"lora_ops.migrations.env", "lora_ops.__main__", "lora_ops.cli.__main__"}
 
 
 def declared() -> list[Requirement]:
