@@ -74,7 +74,8 @@ test-fast: $(STAMP)
 # Speed and memory against PEFT, full fine-tuning and the base model; each script prints one
 # JSON line and adds a row to bench/RESULTS.md. Run on a quiet machine: they share its cores.
 BENCHES := train_step serve_mixed merged_latency adapter_load pipeline decode_floor head_of_line \
-	prefix_reuse serve_workload structured_decoding fleet_gateway prepare_data qlora_gap
+	prefix_reuse serve_workload structured_decoding fleet_gateway prepare_data qlora_gap \
+	train_vs_trl
 
 bench: $(STAMP)
 	$(LORA_OPS) base import $(DEMO_BASE)
