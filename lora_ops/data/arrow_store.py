@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
+from lora_ops.data.prepared import read_manifest_object
 from lora_ops.data.tokenize import IGNORE_INDEX, TokenizedExample
 from lora_ops.errors import InputError
 from lora_ops.files import sha256_file, write_atomic
@@ -146,14 +147,7 @@ def load_arrow(folder: Path) -> ArrowPrepared:
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_bytes())
-    except OSError as e:
-        raise InputError(f"cannot read the manifest: {e.strerror or e}", file=path) from e
-    except ValueError as e:  # not JSON, or not UTF-8
-        raise InputError(f"not valid JSON: {e}", file=path) from e
-    if not isinstance(manifest, dict):
-        raise InputError("expected a JSON object", file=path)
+    manifest = read_manifest_object(path)
     if (problem := _manifest_problem(manifest)) is not None:
         raise InputError(problem[1], file=path, field=problem[0])
     return manifest

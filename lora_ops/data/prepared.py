@@ -171,7 +171,8 @@ def load_prepared(folder: Path) -> PreparedDataset:
     )
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest_object(path: Path) -> dict[str, Any]:
+    """A stored set's manifest file as a JSON object; InputError naming the file otherwise."""
     try:
         manifest = json.loads(path.read_bytes())
     except OSError as e:
@@ -182,6 +183,11 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise InputError(f"not valid JSON: {e}", file=path) from e
     if not isinstance(manifest, dict):
         raise InputError("expected a JSON object", file=path)
+    return manifest
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    manifest = read_manifest_object(path)
     if (problem := _manifest_problem(manifest)) is not None:
         raise InputError(problem[1], file=path, field=problem[0])
     return manifest

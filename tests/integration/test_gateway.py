@@ -28,8 +28,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from lora_ops import base_models, names
 from lora_ops.db import ACTIVE, DOWN, Database
@@ -39,6 +37,7 @@ from lora_ops.fleet.rollout import DeployFailed, deploy, rollback
 from lora_ops.lora import LoraSpec, apply_lora, save_adapter
 from lora_ops.registry import Registry, adapter_tags
 from lora_ops.registry.tags import SMOKE_OUTPUT_TAG
+from tests.architectures import build_base
 from tests.helpers import randomize_adapter
 from tests.processes import GatewayProcess, ReplicaProcess
 from tests.servers import free_ports
@@ -70,27 +69,6 @@ class FleetUnderTest:
     def client(self, url: str | None = None, key: str = TOKEN) -> openai.OpenAI:
         base_url = (url or self.gateway.url) + "/v1"
         return openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=120)
-
-
-def build_qwen2(folder: Path) -> Path:
-    tokenizer = base_models.load_tokenizer("tiny-llama")
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(7)
-    Qwen2ForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def register(registry: Registry, customer: str, base: str, seed: int, root: Path) -> str:
@@ -183,7 +161,7 @@ class WatchedFleet(Fleet):
 def fleet(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetUnderTest]:
     os.environ["LORA_OPS_ADMIN_TOKEN"] = TOKEN
     root = tmp_path_factory.mktemp("gateway-fleet")
-    qwen_folder = str(build_qwen2(root / "tiny-qwen2"))
+    qwen_folder = str(build_base("qwen2", root / "tiny-qwen2"))
     registry = Registry()
     llama = [f"gw-{i:02d}" for i in range(CUSTOMERS)]
     qwen = ["gw-qwen-a", "gw-qwen-b"]
