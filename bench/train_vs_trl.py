@@ -77,6 +77,8 @@ def command(contender: str, args: argparse.Namespace, train: Path, held: Path, o
         "--batch-size", str(packed_batch if packing else args.batch),
         "--max-seq-len", str(args.pack_len if packing else args.max_seq_len),
         "--packing" if packing else "--no-packing",
+        # A data cache of its own: every run tokenizes its data, as TRL's does each time.
+        "--data-cache", str(out.with_name(f"{out.name}-data")),
     ]  # fmt: skip
 
 

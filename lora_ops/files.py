@@ -2,11 +2,14 @@
 
 A file is written beside its target and renamed over it; a folder is built in a staging
 folder beside its target and swapped in, the old one removed only once the new one is in.
+A folder named by its content is published instead: the first writer's copy stays, and a
+later writer drops its own (``publish_folder``), so no reader ever sees it swapped.
 (The LoRA core keeps its own atomic write: it imports torch and safetensors alone.)
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -63,3 +66,22 @@ def replace_folder(staging: Path, target: Path) -> None:
         old.rename(target)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def publish_folder(staging: Path, target: Path) -> bool:
+    """Rename ``staging`` to ``target`` unless another writer's ``target`` is already there.
+
+    For folders named by their content, which any writer fills the same: whoever renames
+    first wins, and a reader of that folder never has it replaced under it (as
+    ``replace_folder`` would). The rename of a folder onto a non-empty one fails, which
+    makes the check and the rename one step. False when ``target`` was there: ``staging``
+    is removed and ``target`` left as it was.
+    """
+    try:
+        staging.rename(target)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        return False
+    return True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -12,6 +12,9 @@ from rich.table import Table
 from lora_ops.cli.common import BaseOption, out
 from lora_ops.cli.options import TrainingOverrides, train_config, training_options
 from lora_ops.errors import InputError
+
+if TYPE_CHECKING:  # only for hints: datasets is imported where data is prepared
+    from lora_ops.data.arrow_store import ArrowPrepared
 
 base_app = typer.Typer(help="The catalogue of base models.", no_args_is_help=True)
 data_app = typer.Typer(help="Check customer data files.", no_args_is_help=True)
@@ -76,7 +79,9 @@ def data_validate(
 @training_options(with_defaults=True)
 def train(
     base: BaseOption,
-    data: Annotated[Path, typer.Option("--data", help="JSONL file of chat examples.")],
+    data: Annotated[
+        Path, typer.Option("--data", help="JSONL, Parquet or CSV file of chat examples.")
+    ],
     out_dir: Annotated[Path, typer.Option("--out", help="Adapter folder to write.")],
     training: TrainingOverrides,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint.")] = False,
@@ -84,7 +89,17 @@ def train(
         Path | None,
         typer.Option(
             "--validation-data",
-            help="JSONL file of held-out examples, instead of a share of --data.",
+            help="JSONL, Parquet or CSV file of held-out examples, instead of a share of --data.",
+        ),
+    ] = None,
+    data_cache: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-cache",
+            help="Folder of prepared (tokenized) data sets, reused while the data, base "
+            "tokenizer, --max-seq-len and split are unchanged. "
+            "[default: $LORA_OPS_CACHE_DIR/datasets, ~/.cache/lora-ops/datasets]",
+            show_default=False,
         ),
     ] = None,
 ) -> None:
@@ -93,7 +108,14 @@ def train(
 
     config = train_config(training)
     result = train_from_files(
-        base, data, config, out_dir, resume=resume, validation_path=validation_data
+        base,
+        data,
+        config,
+        out_dir,
+        resume=resume,
+        validation_path=validation_data,
+        data_cache=data_cache,
+        on_data=_report_data,
     )
     out.print(f"base eval loss    {result.base_eval_loss:.4f}")
     out.print(f"adapted eval loss {result.eval_loss:.4f}")
@@ -103,6 +125,14 @@ def train(
         )
     out.print(f"{result.steps} steps, {result.tokens_per_second:.0f} tokens/s")
     print(result.adapter_dir)  # noqa: T201 - last line: the adapter folder
+
+
+def _report_data(dataset: ArrowPrepared) -> None:
+    if dataset.cache_hit:
+        out.print(f"data cache hit    {dataset.folder} (nothing tokenized)")
+    else:
+        sizes = f"{len(dataset.train)} train, {len(dataset.eval)} eval examples"
+        out.print(f"data prepared     {sizes} into {dataset.folder}")
 
 
 def merge(

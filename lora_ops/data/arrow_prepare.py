@@ -9,6 +9,12 @@ Hugging Face ``datasets`` tokenizes the staged rows with ``map`` (over several p
 once there are enough rows to pay for them), splits them and ``save_to_disk``\\ s the result
 (:mod:`lora_ops.data.arrow_store` reads it back memory-mapped and checks it). Memory stays
 that of a batch of rows, whatever the file's size.
+
+Processes may share a cache: each stages and builds in folders of its own, and an entry
+appears whole, by one rename, or not at all. When two prepare the same key at once, the
+first entry published stays and the other process uses it (:func:`~lora_ops.files.
+publish_folder`), so an entry a process has loaded is never swapped under it; only an
+entry that fails its load checks is replaced.
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 from lora_ops.data.arrow_store import (
     ARROW_FORMAT,
     EVAL_SPLIT,
-    PREPARED_MANIFEST,
     TRAIN_SPLIT,
     ArrowPrepared,
     load_arrow,
@@ -38,7 +43,7 @@ from lora_ops.data.examples import DataError, paired_sha256
 from lora_ops.data.scan import ScanResult, SplitPlan, scan_file
 from lora_ops.data.validation import MIN_EXAMPLES, too_few
 from lora_ops.errors import InputError
-from lora_ops.files import replace_folder, staging_folder
+from lora_ops.files import publish_folder, replace_folder, staging_folder
 
 if TYPE_CHECKING:  # only for hints
     from transformers import PreTrainedTokenizerBase
@@ -148,9 +153,15 @@ def _refuse(scans: list[tuple[Path, ScanResult]], min_examples: int) -> None:
 
 
 def build(
-    staged: Staged, tokenizer: PreTrainedTokenizerBase, settings: PrepareSettings, folder: Path
+    staged: Staged,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: PrepareSettings,
+    folder: Path,
+    *,
+    replace: bool = True,
 ) -> None:
-    """Tokenize the staged rows, split them and save the set into ``folder`` (replaced whole).
+    """Tokenize the staged rows, split them and save the set into ``folder``: replaced whole,
+    or with ``replace`` off, kept as it is if another process published it meanwhile.
 
     Raises:
         DataError: Examples the chat template refuses or that are over max_seq_len.
@@ -173,7 +184,11 @@ def build(
         write_manifest(
             staging, staged.sha256, staged.key, staged.source, settings.max_seq_len, sizes
         )
-        replace_folder(staging, folder)
+        if replace:
+            replace_folder(staging, folder)
+        elif not publish_folder(staging, folder):
+            log.info("%s was prepared by another process meanwhile: using that", folder)
+            return
     except BaseException:
         _remove(staging)
         raise
@@ -256,15 +271,17 @@ def prepare_cached(
             path, tokenizer, settings, Path(work), validation_path=validation_path, source=source
         )
         folder = cache_root / staged.key
-        if (folder / PREPARED_MANIFEST).is_file():
+        refused = False  # decided once: an entry published after this look is used, not replaced
+        if folder.exists():
             try:
                 hit = load_arrow(folder)
             except InputError as e:
                 log.warning("cached set %s is refused (%s): preparing it again", folder, e)
+                refused = True
             else:
                 log.info(
                     "cache hit: %s already prepared at %s; nothing tokenized", staged.sha256, folder
                 )
                 return replace(hit, cache_hit=True)
-        build(staged, tokenizer, settings, folder)
+        build(staged, tokenizer, settings, folder, replace=refused)
     return load_arrow(folder)

@@ -90,12 +90,19 @@ def barrier() -> None:
 
 @contextmanager
 def main_first() -> Iterator[None]:
-    """Rank 0 runs the block before the others do, e.g. to fill a cache they then read."""
+    """Rank 0 runs the block before the others do, e.g. to fill a cache they then read.
+
+    Rank 0 lets the others go even when its block raises: they then run the block and meet
+    the same error (a bad file, an unknown base) and report it themselves, rather than
+    wait on a rank that is gone until the launcher kills them or the barrier breaks.
+    """
     if not is_main():
         barrier()
-    yield
-    if is_main():
-        barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            barrier()
 
 
 def share(items: Sequence[T]) -> list[T]:

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from lora_ops.files import replace_folder, sha256_file, staging_folder, write_atomic
+from lora_ops.files import (
+    publish_folder,
+    replace_folder,
+    sha256_file,
+    staging_folder,
+    write_atomic,
+)
 
 
 def test_sha256_file_reads_in_blocks(tmp_path: Path) -> None:
@@ -62,3 +68,19 @@ def test_a_failed_swap_puts_the_old_folder_back(tmp_path: Path) -> None:
         replace_folder(missing, target)
     assert (target / "old.bin").read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_publish_folder_keeps_the_first_writer_s_folder(tmp_path: Path) -> None:
+    target = tmp_path / "entry"
+    first = staging_folder(target)
+    (first / "set.bin").write_bytes(b"first")
+    assert publish_folder(first, target)
+    inode = (target / "set.bin").stat().st_ino
+    second = staging_folder(target)
+    (second / "set.bin").write_bytes(b"second")
+
+    assert not publish_folder(second, target)
+
+    assert (target / "set.bin").read_bytes() == b"first"
+    assert (target / "set.bin").stat().st_ino == inode  # the same file, never swapped
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]  # the loser's copy is gone

@@ -1,7 +1,8 @@
 """One rank of the data-parallel tests, started by ``torchrun`` (``test_distributed``).
 
 In one process group it trains the uninterrupted run, then resumes a second run from that
-run's first checkpoint, and writes what this rank did (hook calls, files saved) to
+run's first checkpoint, and writes what this rank did (hook calls, files saved, the data
+set it trained from) to
 ``<work>/rank-<rank>.json`` for the test to read.
 
     torchrun --nproc-per-node 2 -m tests.unit.training.distributed_worker WORK TRAIN HELD_OUT
@@ -16,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from lora_ops.config import TrainConfig
+from lora_ops.data.arrow_store import ArrowPrepared
 from lora_ops.lora import LoraSpec
 from lora_ops.training import checkpoints, distributed, loop
-from lora_ops.training.local import train_from_files
+from lora_ops.training.local import DataReport, train_from_files
 from lora_ops.training.loop import EvalMetrics, StepMetrics, TrainingHooks
 
 # 3 a micro-batch on 2 ranks: shares of 2 and 1, and an epoch of 16 examples ends on a
@@ -73,10 +75,21 @@ def record_saves(saved: list[str]) -> None:
     checkpoints.save = checkpoint  # type: ignore[assignment]
 
 
+def note_data(seen: list[list[Any]]) -> DataReport:
+    """Note the prepared set a run trains from: its folder and whether it was cached."""
+
+    def note(dataset: ArrowPrepared) -> None:
+        seen.append([str(dataset.folder), dataset.cache_hit])
+
+    return note
+
+
 def main(work: Path, train: Path, held_out: Path) -> None:
     saved: list[str] = []
     record_saves(saved)
     whole, resumed = Recorder(), Recorder()
+    data: dict[str, list[list[Any]]] = {"whole": [], "resumed": []}
+    cache = work / "datasets"
     with distributed.process_group():
         whole_result = train_from_files(
             "tiny-llama",
@@ -86,6 +99,8 @@ def main(work: Path, train: Path, held_out: Path) -> None:
             hooks=whole,
             progress=False,
             validation_path=held_out,
+            data_cache=cache,
+            on_data=note_data(data["whole"]),
         )
         if distributed.is_main():  # the state an interrupted run would have left
             first = work / "whole" / "checkpoints" / f"step-{RESUME_FROM}"
@@ -100,11 +115,14 @@ def main(work: Path, train: Path, held_out: Path) -> None:
             resume=True,
             progress=False,
             validation_path=held_out,
+            data_cache=cache,
+            on_data=note_data(data["resumed"]),
         )
         rank = distributed.rank()
     report = {
         "hooks": {"whole": whole.calls, "resumed": resumed.calls},
         "saved": saved,
+        "data": data,
         "results": {"whole": whole_result.to_json(), "resumed": resumed_result.to_json()},
     }
     (work / f"rank-{rank}.json").write_text(json.dumps(report))

@@ -2,6 +2,7 @@
 process trains at the same global batch, resume exactly, and only rank 0 writes and reports.
 
 Each test starts ``torchrun --nproc-per-node 2`` once; the single-process runs happen here.
+Rank 0 prepares the data into the cache while rank 1 waits; rank 1 then reads that entry.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lora_ops.data.arrow_store import ArrowPrepared
 from lora_ops.training import checkpoints, distributed
 from lora_ops.training.local import train_from_files
 from tests.servers import free_ports
@@ -41,17 +43,22 @@ def data_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return train, held_out
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess[str]:
-    """``torchrun --nproc-per-node 2 ARGS`` from the repository root; it must succeed."""
+def launch(*args: str) -> subprocess.CompletedProcess[str]:
+    """``torchrun --nproc-per-node 2 ARGS`` from the repository root."""
     (port,) = free_ports(1)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
         "--master-addr", "127.0.0.1", "--master-port", str(port), *args,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
+    return subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
     )
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess[str]:
+    """``torchrun --nproc-per-node 2 ARGS``; it must succeed."""
+    done = launch(*args)
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 
@@ -65,15 +72,21 @@ def test_two_processes_train_what_one_trains_at_the_same_global_batch(
     data_files: tuple[Path, Path], tiny_base: Path, tmp_path: Path
 ) -> None:
     train, held_out = data_files
-    two = tmp_path / "two"
+    two, cache = tmp_path / "two", tmp_path / "datasets"
     done = torchrun(
         "-m", "lora_ops.cli", "train", "--base", "tiny-llama", "--data", str(train),
-        "--validation-data", str(held_out), "--out", str(two), *EXACT_FLAGS,
+        "--validation-data", str(held_out), "--out", str(two), "--data-cache", str(cache),
+        *EXACT_FLAGS,
     )  # fmt: skip
+    seen: list[ArrowPrepared] = []
     one = train_from_files(
         "tiny-llama", train, EXACT_CONFIG, tmp_path / "one", progress=False,
-        validation_path=held_out,
+        validation_path=held_out, data_cache=cache, on_data=seen.append,
     )  # fmt: skip
+    # Rank 0 prepared the set, rank 1 and the single process found it: one entry.
+    (entry,) = cache.iterdir()
+    assert f"data prepared     16 train, 10 eval examples into {entry}" in done.stdout
+    assert [(dataset.folder, dataset.cache_hit) for dataset in seen] == [(entry, True)]
     summary = json.loads((two / "training_summary.json").read_text())
     assert summary["train_losses"] == pytest.approx(one.train_losses, abs=ATOL)
     assert [step for step, _ in summary["evaluations"]] == [2, 4]
@@ -96,6 +109,10 @@ def test_a_resumed_two_process_run_ends_where_the_uninterrupted_one_does(
 ) -> None:
     torchrun("-m", "tests.unit.training.distributed_worker", str(tmp_path), *map(str, data_files))
     main, other = (json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1))
+    # Rank 0 prepared the data while rank 1 waited, then rank 1 read rank 0's entry.
+    (entry,) = (tmp_path / "datasets").iterdir()
+    assert main["data"] == {"whole": [[str(entry), False]], "resumed": [[str(entry), True]]}
+    assert other["data"] == {"whole": [[str(entry), True]], "resumed": [[str(entry), True]]}
     whole, resumed = (load_file(tmp_path / run / WEIGHTS) for run in ("whole", "resumed"))
     difference = largest_difference(whole, resumed)
     print(f"largest weight difference, resumed vs uninterrupted: {difference:.2e}")
@@ -115,6 +132,29 @@ def test_a_resumed_two_process_run_ends_where_the_uninterrupted_one_does(
     for run in ("whole", "resumed"):
         for figure in ("train_losses", "evaluations", "best_step", "eval_loss"):
             assert other["results"][run][figure] == main["results"][run][figure]
+
+
+def test_bad_data_under_torchrun_is_refused_by_line_on_every_rank(
+    data_files: tuple[Path, Path], tiny_base: Path, tmp_path: Path
+) -> None:
+    """Rank 0 finds the bad line; rank 1, waiting on it, checks the file and finds it too,
+    rather than wait on a rank that is gone. No entry is written."""
+    lines = data_files[0].read_text().splitlines()
+    lines[5] = '{"messages": [{"role": "user"'
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    cache, out = tmp_path / "datasets", tmp_path / "adapter"
+
+    done = launch(
+        "-m", "lora_ops.cli", "train", "--base", "tiny-llama", "--data", str(bad),
+        "--out", str(out), "--data-cache", str(cache), *EXACT_FLAGS,
+    )  # fmt: skip
+
+    assert done.returncode != 0
+    assert f"{bad}:6: not valid JSON" in done.stderr
+    assert "RuntimeError" not in done.stderr, done.stderr  # no rank broke on a dead barrier
+    assert list(cache.iterdir()) == []
+    assert not out.exists()
 
 
 def test_one_process_needs_no_process_group() -> None:
