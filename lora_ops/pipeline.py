@@ -13,11 +13,10 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lora_ops import base_models, data, names, warm_start
 from lora_ops.config import LoraSpec, TrainConfig
-from lora_ops.data import prepared
 from lora_ops.data.examples import paired_sha256
 from lora_ops.defaults import DEFAULT_GATE
 from lora_ops.errors import LoraOpsError
@@ -43,15 +42,11 @@ from lora_ops.registry.tags import (
 )
 from lora_ops.settings import Settings, get_settings
 from lora_ops.storage import Storage
+from lora_ops.training.attempt import Attempt, load_tokenized, train_attempt, train_in_group
 from lora_ops.training.evaluate import evaluate_adapters, perplexity
 from lora_ops.training.gate import GateDecision, decide_gate
-from lora_ops.training.loop import TrainingJob, train_adapter
-from lora_ops.training.memory import load_training_base
 from lora_ops.training.report import gate_markdown
 from lora_ops.training.run_log import MlflowTrainingLog
-
-if TYPE_CHECKING:  # only for hints: datasets is imported where data is read
-    from lora_ops.data.arrow_store import ArrowPrepared
 
 log = logging.getLogger(__name__)
 
@@ -120,16 +115,6 @@ def data_fingerprint(
     return sha256, idempotency_key(base_sha, sha256, config)
 
 
-def load_tokenized(folder: Path) -> ArrowPrepared | prepared.PreparedDataset:
-    """A downloaded prepared set: the Arrow set, memory-mapped (its rows are read as training
-    asks for them), or one stored before it in the JSONL format, which is read whole."""
-    if (folder / prepared.MANIFEST_FILE).is_file():
-        return prepared.load_prepared(folder)
-    from lora_ops.data.arrow_store import load_arrow  # datasets: only where data is read
-
-    return load_arrow(folder)
-
-
 def run_key(dataset: DatasetRef, config: TrainConfig) -> tuple[str, str]:
     """(idempotency key, base sha256) of training ``dataset`` with ``config``."""
     folder = base_models.resolve_base(dataset.base)
@@ -160,7 +145,8 @@ def train_candidate(
     A run with the same key whose training finished is reused as is; one that was cut off
     resumes from its newest checkpoint in ``checkpoints/<customer>/<run>/``. With
     ``config.warm_start`` training begins from the production adapter, checked to fit
-    before any run is started.
+    before any run is started. With ``training_processes`` above 1 (the setting
+    ``LORA_OPS_TRAINING_PROCESSES``) it trains data-parallel in that many processes.
 
     Raises:
         InputError: a warm start without a production version, or from one that does not fit.
@@ -191,7 +177,7 @@ def train_candidate(
         uri = names.s3_uri(settings.bucket, names.checkpoint_prefix(dataset.customer, run_id))
         training_log = MlflowTrainingLog(registry, storage, run_id, uri, dataset.customer)
         initial = warm.adapter_dir if warm is not None else None
-        steps = _train_logged(dataset, config, key, storage, training_log, progress, initial)
+        steps = _train_logged(dataset, config, key, settings, training_log, progress, initial)
     registry.set_tag(run_id, TRAINING_STEPS_TAG, str(steps))
     registry.set_tag(run_id, TRAINING_DONE_TAG, TRAINING_DONE)
     registry.end_run(run_id, "FINISHED")
@@ -203,36 +189,34 @@ def _train_logged(
     dataset: DatasetRef,
     config: TrainConfig,
     key: str,
-    storage: Storage,
+    settings: Settings,
     training_log: MlflowTrainingLog,
     progress: bool,
     initial_adapter: Path | None = None,
 ) -> int:
     """Train in a scratch folder from the run's newest checkpoint (or ``initial_adapter``'s
-    weights, when there is none); returns the step count."""
+    weights, when there is none); returns the step count.
+
+    With ``training_processes`` above 1 the ranks of a torchrun group train from the files
+    downloaded here, and rank 0 reports to the run (``training.attempt``).
+    """
     with tempfile.TemporaryDirectory() as work_dir:
         work = Path(work_dir)
-        storage.download_dir(dataset.uri, work / "dataset")
-        examples = load_tokenized(work / "dataset")
+        training_log.storage.download_dir(dataset.uri, work / "dataset")
         training_log.download_latest_checkpoint(work / "checkpoints")
-        tokenizer = base_models.load_tokenizer(dataset.base)
-        model = load_training_base(dataset.base, config)
-        job = TrainingJob(
-            model=model,
-            train_examples=examples.train,
-            eval_examples=examples.eval,
+        attempt = Attempt(
+            work=work,
+            base=dataset.base,
             config=config,
-            out_dir=work / "adapter",
-            pad_id=int(tokenizer.pad_token_id),
-            base_model_name=dataset.base,
-            checkpoint_dir=work / "checkpoints",
-            resume=True,
-            run_key=key,
-            hooks=training_log,
-            progress=progress,
+            key=key,
+            run_id=training_log.run_id,
+            checkpoints_uri=training_log.checkpoints_uri,
+            customer=dataset.customer,
             initial_adapter=initial_adapter,
         )
-        result = train_adapter(job)
+        if settings.training_processes > 1:
+            return train_in_group(attempt, settings.training_processes, settings)
+        result = train_attempt(attempt, training_log, progress)
         training_log.finish(result)
         return result.steps
 

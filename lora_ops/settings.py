@@ -111,6 +111,13 @@ class Settings(BaseSettings):
         description="Work pool of the train-adapter deployment (GPU workers); empty: train "
         "inside the retrain flow run.",
     )
+    training_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Processes the pipeline's training step runs in, data-parallel under "
+        "torchrun (one GPU each; gloo on CPUs); 1: in the calling process.",
+    )
     review_sweep_seconds: int = Field(
         60, ge=5, le=86400, description="How often review-sweep resumes reviewed runs."
     )
