@@ -92,3 +92,59 @@ class Placement(Base):
     replica_url: Mapped[str] = mapped_column(String(512), primary_key=True, index=True)
     base_sha256: Mapped[str] = mapped_column(String(64))
     placed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ApiKey(Base):
+    """A customer's key to the fine-tuning API: only its sha256 is stored."""
+
+    __tablename__ = "api_keys"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    customer: Mapped[str] = mapped_column(String(63), index=True)
+    label: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class UploadedFile(Base):
+    """A file a customer uploaded for fine-tuning, checked before it was stored in S3."""
+
+    __tablename__ = "uploaded_files"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    customer: Mapped[str] = mapped_column(String(63), index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    examples: Mapped[int] = mapped_column(Integer)
+    uri: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class FineTuningJob(Base):
+    """One fine-tuning job: the flow runs of ``retrain/<customer>`` it made, and its end."""
+
+    __tablename__ = "fine_tuning_jobs"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    customer: Mapped[str] = mapped_column(String(63), index=True)
+    model: Mapped[str] = mapped_column(String(512))
+    training_file: Mapped[str] = mapped_column(String(64))
+    validation_file: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    seed: Mapped[int] = mapped_column(Integer)
+    hyperparameters: Mapped[str] = mapped_column(Text)  # OpenAI's, as resolved: a JSON object
+    parameters: Mapped[str] = mapped_column(Text)  # the retrain flow run's: a JSON object
+    job_metadata: Mapped[str] = mapped_column(Text, default="{}")
+    run_key: Mapped[str] = mapped_column(String(128))  # the training run's idempotency key
+    status: Mapped[str] = mapped_column(String(32))
+    flow_run_ids: Mapped[str] = mapped_column(Text, default="[]")  # oldest first; JSON list
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)  # a JSON object
+    trained_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    notified: Mapped[bool] = mapped_column(Boolean, default=False)  # its webhook was sent

@@ -141,9 +141,9 @@ def test_deploy_of_an_unapproved_version_is_refused_before_any_replica_is_touche
 
 
 def test_db_upgrade_and_status(state: Path) -> None:
-    assert "applied 0001, 0002, 0003, 0004" in ok("db", "upgrade")
+    assert "applied 0001, 0002, 0003, 0004, 0005" in ok("db", "upgrade")
     assert "already at the newest schema" in ok("db", "upgrade")
-    assert "revision 0004 (newest 0004)" in ok("db", "status")
+    assert "revision 0005 (newest 0005)" in ok("db", "status")
 
 
 def test_help_of_the_new_commands_runs_without_servers() -> None:

@@ -29,8 +29,10 @@ from lora_ops.db import (
 from lora_ops.errors import LoraOpsError
 
 FLEET_TABLES = {"replicas", "deployments", "deploy_locks"}
-ALL_TABLES = FLEET_TABLES | {"customers", "placements"}
-HEAD = "0004"
+ALL_TABLES = (
+    FLEET_TABLES | {"customers", "placements"} | {"api_keys", "uploaded_files", "fine_tuning_jobs"}
+)
+HEAD = "0005"
 
 # What lora-ops' Base.metadata.create_all made before it had migrations (SQLAlchemy's DDL).
 LEGACY_SCHEMA = """
@@ -135,7 +137,7 @@ def migrate_to(engine: Engine, revision: str) -> None:
 
 def test_empty_database_goes_to_head_with_every_table(tmp_path: Path) -> None:
     engine = create_engine_for(sqlite_url(tmp_path / "state" / "new.db"))
-    assert upgrade_database(engine) == ["0001", "0002", "0003", "0004"]
+    assert upgrade_database(engine) == ["0001", "0002", "0003", "0004", "0005"]
     assert tables(engine) == ALL_TABLES | {"alembic_version"}
     assert revision_of(engine) == head_revision() == HEAD
 
@@ -159,7 +161,7 @@ def test_rows_at_0001_survive_the_upgrade_to_head(tmp_path: Path) -> None:
     migrate_to(engine, "0001")
     assert tables(engine) == FLEET_TABLES | {"alembic_version"}
     insert_fleet_rows(engine)
-    assert upgrade_database(engine) == ["0002", "0003", "0004"]
+    assert upgrade_database(engine) == ["0002", "0003", "0004", "0005"]
     assert_fleet_rows_kept(engine)
     assert {"customers", "placements"} <= tables(engine)
     assert revision_of(engine) == HEAD
@@ -176,7 +178,7 @@ def test_a_database_from_before_migrations_is_stamped_then_upgraded(tmp_path: Pa
             if statement.strip():
                 connection.execute(text(statement))
     insert_fleet_rows(engine)
-    assert upgrade_database(engine) == ["0002", "0003", "0004"]
+    assert upgrade_database(engine) == ["0002", "0003", "0004", "0005"]
     assert_fleet_rows_kept(engine)
     assert revision_of(engine) == HEAD
     assert_schema_matches_models(engine)
