@@ -201,6 +201,18 @@ class TrainingRuns(Connection):
         by_step = {m.step: m.value for m in self.client.get_metric_history(run_id, key)}
         return [by_step[step] for step in sorted(by_step)]
 
+    def metric_points(self, run_id: str, key: str) -> list[tuple[int, float, int]]:
+        """A metric's (step, value, timestamp in ms) in step order, the last logged at each step."""
+        by_step = {
+            m.step: (m.step, m.value, m.timestamp)
+            for m in self.client.get_metric_history(run_id, key)
+        }
+        return [by_step[step] for step in sorted(by_step)]
+
+    def latest_metrics(self, run_id: str) -> dict[str, float]:
+        """Each metric's last value."""
+        return dict(self.client.get_run(run_id).data.metrics)
+
     def find_run(self, customer: str, key: str) -> TrainingRun | None:
         """The newest run of ``customer`` tagged with idempotency key ``key``, if any."""
         if not names.SHA256.fullmatch(key):

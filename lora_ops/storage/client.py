@@ -281,7 +281,8 @@ class Storage:
         log.info("deleted %d objects under %s", len(keys), folder)
         return len(keys)
 
-    def _delete_key(self, uri: str) -> None:
+    def delete_object(self, uri: str) -> None:
+        """Delete one object; deleting a missing one is no error (as in S3)."""
         bucket, key = parse_s3_uri(uri)
         self._call(
             f"delete {key}", bucket, lambda: self.client.delete_object(Bucket=bucket, Key=key)
@@ -310,7 +311,7 @@ class Storage:
         folder = _folder(prefix_uri)
         files = files_of(local_dir)
         sizes = {rel: path.stat().st_size for rel, path in files.items()}
-        self._delete_key(folder + MANIFEST)
+        self.delete_object(folder + MANIFEST)
         manifest = Manifest()
         done = 0
         bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, disable=not progress)
