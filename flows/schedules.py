@@ -119,6 +119,14 @@ def sync_schedules(
     return report
 
 
+def apply_customer(record: customers.CustomerRecord, settings: Settings | None = None) -> UUID:
+    """Create or update ``retrain/<record.id>`` alone, as ``sync_schedules`` would."""
+    settings = settings or get_settings()
+    with get_client(sync_client=True) as client:
+        ensure_work_pool(client, settings.work_pool)
+        return _apply_retrain(client, record, settings.work_pool)
+
+
 def _apply_retrain(
     client: SyncPrefectClient, record: customers.CustomerRecord, work_pool: str
 ) -> UUID:

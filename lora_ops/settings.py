@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     database_url: str = Field(
         "", description="SQLAlchemy URL of the service database (default: SQLite in state_dir)."
     )
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="The whsec_ secret `lora-ops api --webhook-url` signs job events with.",
+    )
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for a replica's adapter load/unload endpoints."
     )

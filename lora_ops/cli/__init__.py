@@ -13,6 +13,7 @@ import warnings
 
 import typer
 
+from lora_ops.cli import api as api
 from lora_ops.cli import customers as customers
 from lora_ops.cli import gateway as gateway
 from lora_ops.cli import models as models
@@ -48,6 +49,8 @@ app.command()(scheduling.worker)
 app.command()(serving.serve)
 app.add_typer(serving.fleet_app, name="fleet")
 app.command()(gateway.gateway)
+app.command()(api.api)
+app.add_typer(api.keys_app, name="keys")
 app.command()(serving.deploy)
 app.command()(serving.rollback)
 app.command()(serving.ask)
