@@ -38,6 +38,8 @@ QUEUED, VALIDATING, RUNNING = "queued", "validating_files", "running"
 SUCCEEDED, FAILED, CANCELLED, PAUSED = "succeeded", "failed", "cancelled", "paused"
 ENDED = {SUCCEEDED, FAILED, CANCELLED}
 ACTIVE = {QUEUED, VALIDATING, RUNNING}
+# What the evaluate step logs for the gate (pipeline._log_evaluation): a failed job's figures.
+GATE_FIGURES = ("base_eval_loss", "eval_loss", "production_eval_loss", "improvement_over_base")
 
 
 class NotFound(LoraOpsError):
@@ -200,12 +202,9 @@ class Jobs:
     def _failure(self, row: FineTuningJob, state: RunState) -> dict[str, Any]:
         run = self.registry.find_run(row.customer, row.run_key)
         if run is not None and run.tags.get(GATE_TAG) == GATE_FAILED:
-            figures = self.registry.latest_metrics(run.run_id)
-            shown = ", ".join(
-                f"{name} {figures[name]:.4f}"
-                for name in ("base_eval_loss", "eval_loss", "production_eval_loss")
-                if name in figures
-            )
+            logged = self.registry.latest_metrics(run.run_id)
+            figures = {name: logged[name] for name in GATE_FIGURES if name in logged}
+            shown = ", ".join(f"{name} {value:.4f}" for name, value in figures.items())
             reason = run.tags.get(GATE_REASON_TAG, "")
             message = f"the evaluation gate refused the adapter: {reason} ({shown})"
             return {"code": "gate_failed", "message": message, "param": None, "figures": figures}
