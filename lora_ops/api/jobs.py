@@ -104,6 +104,7 @@ class Jobs:
             customer, training.uri, request.model, config, parameters["validation_data_uri"]
         )
         job_id = "ftjob-" + secrets.token_hex(12)
+        created = utcnow()  # before its first run is: the job's events start with it
         run_id = self.runs.submit(customer, parameters, job_id)
         row = FineTuningJob(
             id=job_id,
@@ -119,6 +120,7 @@ class Jobs:
             run_key=key,
             status=QUEUED,
             flow_run_ids=json.dumps([run_id]),
+            created_at=created,
         )
         try:
             return self.records.add_job(row)
@@ -161,10 +163,9 @@ class Jobs:
             raise NotFound(f"no fine-tuning job {job_id!r}")
         return self.refresh(row)
 
-    def list(self, caller: Caller, after: str | None, limit: int) -> list[FineTuningJob]:
-        """Newest first; ``limit + 1`` rows are read so the caller can tell if more exist."""
-        rows = self.records.jobs(caller.customer, after, limit + 1)
-        return [self.refresh(row) for row in rows]
+    def list(self, caller: Caller) -> list[FineTuningJob]:
+        """Every job the caller may see, newest first, statuses brought up to date."""
+        return [self.refresh(row) for row in self.records.jobs(caller.customer)]
 
     def refresh(self, row: FineTuningJob) -> FineTuningJob:
         """Bring a job's status up to date with its current run."""

@@ -31,6 +31,11 @@ _ENDINGS = {
 }
 
 
+def _seconds(moment: dt.datetime) -> float:
+    """A naive UTC time (as the database keeps them) in seconds, to the microsecond."""
+    return moment.replace(tzinfo=dt.UTC).timestamp()
+
+
 def _id(prefix: str, source: str) -> str:
     return prefix + hashlib.sha256(source.encode()).hexdigest()[:24]
 
@@ -52,7 +57,7 @@ def _event(
 
 def job_events(row: FineTuningJob, runs: JobRuns, registry: Registry) -> list[dict[str, Any]]:
     """Every event of the job, newest first."""
-    created = float(unix(row.created_at) or 0)
+    created = _seconds(row.created_at)
     events = [_event(f"{row.id}:created", created, "info", f"Created fine-tuning job: {row.id}")]
     for run_id in json.loads(row.flow_run_ids):
         for happened in runs.events(run_id):
@@ -63,7 +68,7 @@ def job_events(row: FineTuningJob, runs: JobRuns, registry: Registry) -> list[di
         level, message = _ENDINGS[row.status]
         if row.error:
             message += ": " + json.loads(row.error)["message"]
-        ending = _event(f"{row.id}:{row.status}", float(unix(row.finished_at) or 0), level, message)
+        ending = _event(f"{row.id}:{row.status}", _seconds(row.finished_at), level, message)
         # The run's last log lines may be stamped after the state it ended in: the job's end
         # is its last event all the same.
         ending["_at"] = max([ending["_at"], *(event["_at"] for event in events)]) + 1e-3

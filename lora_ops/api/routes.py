@@ -7,6 +7,7 @@ FastAPI runs them in its thread pool.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from starlette.datastructures import UploadFile
 
 from lora_ops.api import views
 from lora_ops.api.files import Uploads
-from lora_ops.api.jobs import SUCCEEDED, Jobs, NotFound
+from lora_ops.api.jobs import ACTIVE, PAUSED, SUCCEEDED, Jobs, NotFound
 from lora_ops.api.keys import Caller, caller_of
 from lora_ops.api.progress import job_checkpoints, job_events
 from lora_ops.api.runs import JobRuns
@@ -122,9 +123,7 @@ def retrieve_file(file_id: str, api: Api, who: Who) -> dict[str, Any]:
 def delete_file(file_id: str, api: Api, who: Who) -> dict[str, Any]:
     row = _file(api, who, file_id)
     busy = [
-        job.id
-        for job in api.records.jobs_using_file(file_id)
-        if job.status in {"queued", "validating_files", "running", "paused"}
+        job.id for job in api.records.jobs_using_file(file_id) if job.status in ACTIVE | {PAUSED}
     ]
     if busy:
         raise InputError(f"the file is in use by job(s) {', '.join(busy)}", field="file_id")
@@ -142,8 +141,6 @@ def file_content(file_id: str, api: Api, who: Who) -> FileResponse:
 
 
 def _remove_tree(folder: str) -> None:
-    import shutil
-
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -169,7 +166,7 @@ def list_jobs(
         for name, value in request.query_params.items()
         if name.startswith("metadata[") and name.endswith("]")
     }
-    rows = api.jobs.list(who, None, 10_000)
+    rows = api.jobs.list(who)
     shown = [views.job_object(row) for row in rows]
     shown = [
         job for job in shown if all((job["metadata"] or {}).get(k) == v for k, v in wanted.items())

@@ -86,7 +86,7 @@ class FineTuningRecords:
 
     # jobs
     def add_job(self, row: FineTuningJob) -> FineTuningJob:
-        row.created_at = utcnow()
+        row.created_at = row.created_at or utcnow()
         with self.db.session() as session:
             session.add(row)
         return row

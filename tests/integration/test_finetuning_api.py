@@ -19,16 +19,14 @@ import httpx
 import openai
 import pytest
 from openai import OpenAI
-from typer.testing import CliRunner
 
 from lora_ops import customers
-from lora_ops.cli import app
 from lora_ops.db import Database
 from lora_ops.fleet import Fleet
 from lora_ops.registry import Registry
 from lora_ops.storage import Storage
 from tests.integration.conftest import RunningStack, free_port
-from tests.integration.test_operations import flow_run_pids
+from tests.integration.test_operations import cli, flow_run_pids, write_lines
 from tests.processes import LoraOpsProcess, ReplicaProcess, WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -45,18 +43,6 @@ FAST = {
     "max_seq_len": 256,
     "lora": {"r": 8},
 }
-runner = CliRunner()
-
-
-def cli(*args: str) -> str:
-    result = runner.invoke(app, list(args), terminal_width=200)
-    assert result.exit_code == 0, f"{args}: {result.output}{result.exception!r}"
-    return result.output
-
-
-def lines_of(path: Path, lines: slice) -> Path:
-    path.write_text("".join(SAMPLE.read_text().splitlines(keepends=True)[lines]))
-    return path
 
 
 class Receiver(ThreadingHTTPServer):
@@ -175,7 +161,7 @@ def test_upload_train_and_ask_the_fine_tuned_model(
     api: Api, stack: RunningStack, tmp_path: Path
 ) -> None:
     client = api.client()
-    data = lines_of(tmp_path / "acme.jsonl", slice(0, 60))
+    data = write_lines(tmp_path / "acme.jsonl", slice(0, 60))
     # The operator's record: a gate tiny-llama (random weights) can pass in a few steps.
     cli(
         "customers",
@@ -233,7 +219,7 @@ def test_upload_train_and_ask_the_fine_tuned_model(
     assert [j.id for j in client.fine_tuning.jobs.list().data] == [job.id]
     assert [j.id for j in client.fine_tuning.jobs.list(metadata={"ticket": "T-2"}).data] == []  # type: ignore[call-arg]
 
-    version = Registry().find_version(CUSTOMER, json.loads(_job_row(job.id))["run_key"])
+    version = Registry().find_version(CUSTOMER, _run_key(job.id))
     production = Registry().get_version_by_alias(CUSTOMER, "production")
     assert version is not None
     assert production is not None
@@ -273,12 +259,13 @@ def test_upload_train_and_ask_the_fine_tuned_model(
     assert admin_api.fine_tuning.jobs.retrieve(job.id).status == "succeeded"
 
 
-def _job_row(job_id: str) -> str:
+def _run_key(job_id: str) -> str:
+    """The idempotency key the job's training run and version are found by."""
     from lora_ops.db.finetuning import FineTuningRecords
 
     row = FineTuningRecords(Database()).job(job_id)
     assert row is not None
-    return json.dumps({"run_key": row.run_key})
+    return row.run_key
 
 
 def test_a_bad_file_is_refused_with_its_lines_and_nothing_is_stored(
@@ -299,7 +286,7 @@ def test_a_bad_file_is_refused_with_its_lines_and_nothing_is_stored(
     assert client.files.list().data == []
     with pytest.raises(openai.BadRequestError, match="purpose"):
         client.files.create(
-            file=lines_of(tmp_path / "ok.jsonl", slice(0, 20)).open("rb"), purpose="batch"
+            file=write_lines(tmp_path / "ok.jsonl", slice(0, 20)).open("rb"), purpose="batch"
         )
     with pytest.raises(openai.BadRequestError, match="no file"):
         client.fine_tuning.jobs.create(training_file="file-missing", model="tiny-llama")
@@ -317,7 +304,7 @@ def test_a_customer_the_api_makes_and_a_failed_gate_with_its_figures(
     gate_co = "gate-ft"
     key = cli("keys", "create", "--customer", gate_co).strip()
     gate_client = api.client(key)
-    data = lines_of(tmp_path / "g.jsonl", slice(60, 100))
+    data = write_lines(tmp_path / "g.jsonl", slice(60, 100))
     gate_file = gate_client.files.create(file=data.open("rb"), purpose="fine-tune")
     admin = api.client(TOKEN)
     with pytest.raises(openai.BadRequestError, match="suffix"):
@@ -350,7 +337,7 @@ def test_cancel_stops_the_run_and_pause_then_resume_goes_on_from_a_checkpoint(
 ) -> None:
     client = api.client()
     data = client.files.create(
-        file=lines_of(tmp_path / "c.jsonl", slice(100, 160)).open("rb"), purpose="fine-tune"
+        file=write_lines(tmp_path / "c.jsonl", slice(100, 160)).open("rb"), purpose="fine-tune"
     )
     endless = FAST | {"max_steps": 100000}
     job = client.fine_tuning.jobs.create(
@@ -383,6 +370,10 @@ def test_cancel_stops_the_run_and_pause_then_resume_goes_on_from_a_checkpoint(
     assert len(done.model_extra["flow_run_ids"]) == 2  # type: ignore[index]
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000).data]
     assert any(m.startswith("resuming training run") for m in messages), messages
+    run = Registry().find_run(CUSTOMER, _run_key(job.id))
+    assert run is not None
+    resumed_from = Registry().latest_metrics(run.run_id)["resumed_from_step"]
+    assert 0 < resumed_from <= paused_at  # from a checkpoint, not from step zero
     assert (
         len(Registry().latest_versions(CUSTOMER, 20)) == len(versions_before) + 1
     )  # the cancel left none
