@@ -34,8 +34,8 @@ SAMPLE = ROOT / "examples" / "acme-support.jsonl"
 CUSTOMER = "compose-co"
 ONE_SHOT = {"bucket-init", "db-migrate", "schedule-sync", "fleet-init"}
 LONG_RUNNING = {"postgres", "minio", "mlflow", "prefect-server", "prefect-worker", "serve-0"}
-LONG_RUNNING |= {"serve-1"}
-PORTS = ("POSTGRES", "MLFLOW", "PREFECT", "MINIO", "MINIO_CONSOLE", "SERVE_0", "SERVE_1")
+LONG_RUNNING |= {"serve-1", "api"}
+PORTS = ("POSTGRES", "MLFLOW", "PREFECT", "MINIO", "MINIO_CONSOLE", "SERVE_0", "SERVE_1", "API")
 T0 = time.monotonic()
 
 
@@ -270,6 +270,8 @@ print("\\n".join(o["Key"] for page in pages for o in page.get("Contents", [])))
     assert again == answers["SERVE_0"]
     step(f"serve-1 after its restart answers as {CUSTOMER}, as before: {again!r}")
 
+    fine_tune_through_the_api(stack)
+
     step("stop prefect-worker (SIGTERM)")
     started = time.monotonic()
     stack.compose("stop", "prefect-worker", timeout_s=300)
@@ -281,3 +283,25 @@ print("\\n".join(o["Key"] for page in pages for o in page.get("Contents", [])))
     left = engine.project_leftovers(stack.name)
     assert left == {"containers": [], "volumes": [], "networks": []}, left
     step("down -v: no container, volume or network of the project is left")
+
+
+def fine_tune_through_the_api(stack: Stack) -> None:
+    """The customer's front door: a key, an upload and a job with OpenAI's client."""
+    key = stack.exec("prefect-worker", "lora-ops", "keys", "create", "--customer", CUSTOMER)
+    client = openai.OpenAI(base_url=stack.url("API") + "/v1", api_key=key.strip(), timeout=120)
+    assert httpx.get(stack.url("API") + "/v1/files", timeout=30).status_code == 401
+    data = "".join(SAMPLE.read_text().splitlines(keepends=True)[120:180]).encode()
+    uploaded = client.files.create(file=("more.jsonl", data), purpose="fine-tune")
+    assert [f.id for f in client.files.list().data] == [uploaded.id]
+    step(f"api: key made in the worker container, {uploaded.filename} uploaded as {uploaded.id}")
+    job = client.fine_tuning.jobs.create(
+        training_file=uploaded.id, model="tiny-llama", hyperparameters={"max_steps": 8}
+    )
+    deadline = time.monotonic() + 900
+    while job.status not in {"succeeded", "failed", "cancelled"}:
+        assert time.monotonic() < deadline, job
+        time.sleep(3)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+    events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data]
+    assert (job.status, job.fine_tuned_model) == ("succeeded", CUSTOMER), (job, events[:20])
+    step(f"api: job {job.id} succeeded ({len(events)} events); fine_tuned_model {CUSTOMER}")
