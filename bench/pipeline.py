@@ -218,7 +218,7 @@ WRAPPED = [
     ("lora_ops.pipeline", "evaluate_candidate", "step:evaluate"),
     ("lora_ops.pipeline", "register_candidate", "step:register"),
     ("lora_ops.training.loop", "optimizer_step", "compute:train_steps"),
-    ("lora_ops.training.loop", "eval_loss", "compute:train_eval"),
+    ("lora_ops.training.loop", "eval_loss_across_ranks", "compute:train_eval"),
     ("lora_ops.pipeline", "evaluate_adapters", "compute:evaluate"),
     ("lora_ops.pipeline", "_services", "client_setup"),
     ("lora_ops.base_models", "load_model", "base_load"),

@@ -6,6 +6,8 @@ that no longer runs, or that reports a figure it did not measure.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -140,6 +142,22 @@ def test_adapter_load_measures_both_sources_and_memory(tiny_base: Path) -> None:
         assert figures["empty_cache_ms"][source]["p50"] > 0
     assert figures["churn"]["errors"] == 0
     assert figures["memory"]["rss_max_mb"] >= figures["memory"]["rss_base_mb"] > 0
+
+
+def test_pipeline_times_functions_that_exist() -> None:
+    # The whole run is make test-slow; a function it wraps that was renamed or moved would
+    # fail it only there.
+    spec = importlib.util.spec_from_file_location("pipeline_bench", BENCH / "pipeline.py")
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    missing = [
+        f"{module}.{name}"
+        for module, name, _ in bench.WRAPPED
+        if not hasattr(importlib.import_module(module), name)
+    ]
+    assert missing == []
 
 
 @pytest.mark.long  # make test-slow: a whole retrain run
